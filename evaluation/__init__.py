@@ -1,0 +1,1 @@
+"""Evaluation: ELBO, FID, LPIPS, rate-distortion experiments, reports and benchmarks."""

@@ -1,0 +1,279 @@
+"""The stage-agnostic training engine.
+
+A stage hands the trainer a model and an objective; the trainer owns everything else: Adam,
+warm-up, clipping, update skipping, the parameter EMA, held-out evaluation, logs, checkpoints,
+exact resumption and the progress bar. It is written for one process and stays correct under
+torchrun, where every rank makes the same decisions (see progvae.dist).
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from progvae import dist
+from progvae.checkpoint import CHECKPOINT, atomic_save, load_checkpoint
+from progvae.config import Config
+from progvae.data import BatchSampler, ImageData, to_model_input
+
+SKIP_WINDOW = 100        # recent updates inspected by the stall warning
+SKIP_WARN_FRACTION = 0.5
+
+
+class Objective(Protocol):
+    """What a stage hands the trainer.
+
+    `__call__(model, images)` returns a dict of scalar tensors: "loss" (to minimise) and the
+    batch means that are logged (e.g. "rate", "distortion"). `after_update(metrics)` sees the
+    detached metrics of an applied update (a controller steps its multiplier there).
+    `log_values()` adds values such as the multiplier to each log line.
+    """
+
+    def __call__(self, model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]: ...
+    def after_update(self, metrics: dict[str, float]) -> None: ...
+    def log_values(self) -> dict[str, float]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, objective: Objective, config: Config, data: ImageData,
+                 out_dir: Path, stage: str, quiet: bool = False):
+        self.config = config
+        self.objective = objective
+        self.data = data
+        self.out_dir = Path(out_dir)
+        self.stage = stage
+        self.quiet = quiet
+        self.device = default_device()
+        self.model = model.to(self.device)
+        self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(
+            self.parameters, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+            weight_decay=config.weight_decay)
+        self.train_images = torch.from_numpy(data.train)
+        self.sampler = BatchSampler(len(data.train), config.batch_size, config.seed,
+                                    rank=dist.rank(), world_size=dist.world_size())
+        self.step = 0
+        self.skipped = 0
+        self.recent_skips: collections.deque[bool] = collections.deque(maxlen=SKIP_WINDOW)
+        self.window: dict[str, float] = collections.defaultdict(float)
+        self.elapsed = 0.0   # training seconds summed over every (resumed) process
+
+    # ---------------------------------------------------------------------------------------
+    # checkpoints
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / CHECKPOINT
+
+    def state_dict(self) -> dict:
+        return {
+            "stage": self.stage,
+            "config": self.config.to_dict(),
+            "step": self.step,
+            "skipped": self.skipped,
+            "recent_skips": list(self.recent_skips),
+            "window": dict(self.window),
+            "elapsed": self.elapsed,
+            "model": self.model.state_dict(),
+            "ema": self.ema_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "objective": self.objective.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+            },
+        }
+
+    def save_checkpoint(self) -> None:
+        if dist.is_main():
+            atomic_save(self.state_dict(), self.checkpoint_path())
+        dist.barrier()
+
+    def resume(self) -> bool:
+        """Continue from `out_dir/checkpoint.pt` if there is one; returns whether it did."""
+        path = self.checkpoint_path()
+        if not path.is_file():
+            return False
+        state = load_checkpoint(path)  # runs.prepare_run has checked it is the same kind of run
+        self.model.load_state_dict(state["model"])
+        self.ema_model.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.objective.load_state_dict(state["objective"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step = state["step"]
+        self.skipped = state["skipped"]
+        self.recent_skips.extend(state["recent_skips"])
+        self.window = collections.defaultdict(float, state["window"])
+        self.elapsed = state.get("elapsed", 0.0)
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        # Lines the interrupted process logged after its last checkpoint are replayed now.
+        for name in ("metrics.jsonl", "heldout.jsonl"):
+            _truncate_log(self.out_dir / name, self.step)
+        dist.print0(f"Resuming {self.stage} from step {self.step} of {self.config.steps} "
+                    f"({path}).")
+        return True
+
+    # ---------------------------------------------------------------------------------------
+    # one update
+    def learning_rate(self) -> float:
+        if self.config.warmup_steps > 0:
+            return self.config.lr * min(1.0, (self.step + 1) / self.config.warmup_steps)
+        return self.config.lr
+
+    def train_step(self) -> dict[str, float]:
+        config = self.config
+        indices = self.sampler.next_indices()
+        images = to_model_input(self.train_images[indices]).to(self.device, non_blocking=True)
+        lr = self.learning_rate()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        metrics = self.objective(self.model, images)
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics["loss"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, config.grad_clip)
+        values = {name: float(value.detach()) for name, value in metrics.items()}
+        values["grad_norm"] = float(grad_norm)
+        # Every rank must agree whether to skip: decide on the mean of the local verdicts.
+        local_skip = (not math.isfinite(values["loss"]) or not math.isfinite(values["grad_norm"])
+                      or (config.skip_threshold > 0 and values["grad_norm"] > config.skip_threshold))
+        skip = bool(dist.mean_across_ranks(torch.tensor(float(local_skip))).item() > 0)
+        if skip:
+            self.skipped += 1
+        else:
+            self.optimizer.step()
+            self.update_ema()
+            self.objective.after_update(values)
+        self.recent_skips.append(skip)
+        self.step += 1
+        values["lr"] = lr
+        return values
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        ema_parameters = list(self.ema_model.parameters())
+        parameters = list(self.model.parameters())
+        torch._foreach_lerp_(ema_parameters, parameters, 1.0 - self.config.ema_rate)
+
+    # ---------------------------------------------------------------------------------------
+    # evaluation
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
+        """Mean metrics over the whole held-out split (EMA weights unless `model` is given).
+
+        Runs under a forked RNG with a fixed seed, so evaluating never changes the training
+        trajectory and the same weights always give the same numbers."""
+        model = self.ema_model if model is None else model
+        model.eval()
+        test = torch.from_numpy(self.data.test)
+        totals: dict[str, float] = collections.defaultdict(float)
+        devices = [self.device.index] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.config.seed + 1)
+            for start in range(0, len(test), self.config.eval_batch_size):
+                batch = test[start:start + self.config.eval_batch_size]
+                images = to_model_input(batch).to(self.device)
+                for name, value in self.objective(model, images).items():
+                    totals[name] += float(value) * len(batch)
+        return {name: total / len(test) for name, total in totals.items()}
+
+    # ---------------------------------------------------------------------------------------
+    # the loop
+    def fit(self) -> None:
+        config = self.config
+        bar = tqdm(total=config.steps, initial=self.step, desc=self.stage, dynamic_ncols=True,
+                   disable=self.quiet or not dist.is_main(), file=sys.stdout, mininterval=1.0)
+        warned_at = -SKIP_WINDOW
+        started = time.perf_counter()
+        offset = self.elapsed
+        while self.step < config.steps:
+            values = self.train_step()
+            self.elapsed = offset + time.perf_counter() - started
+            self.accumulate(values)
+            bar.update(1)
+            if self.step % config.log_every == 0 or self.step == config.steps:
+                line = self.flush_window(values["lr"])
+                bar.set_postfix({key: f"{line[key]:.4g}" for key in
+                                 ("rate", "distortion", "multiplier", "nll") if key in line},
+                                refresh=False)
+            if (len(self.recent_skips) == SKIP_WINDOW
+                    and sum(self.recent_skips) > SKIP_WARN_FRACTION * SKIP_WINDOW
+                    and self.step - warned_at >= SKIP_WINDOW):
+                warned_at = self.step
+                self.warn(f"WARNING: {sum(self.recent_skips)} of the last {SKIP_WINDOW} updates "
+                          f"were skipped (grad norm over skip_threshold={config.skip_threshold} or "
+                          "a non-finite loss); training is stalling. Lower lr, raise "
+                          "skip_threshold, or check the data.")
+            if config.eval_every > 0 and self.step % config.eval_every == 0 \
+                    and self.step < config.steps:
+                self.log_heldout(self.evaluate())
+            if config.checkpoint_every > 0 and self.step % config.checkpoint_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        self.save_checkpoint()
+
+    def accumulate(self, values: dict[str, float]) -> None:
+        self.window["count"] += 1
+        for name, value in values.items():
+            if name != "lr" and math.isfinite(value):
+                self.window[name] += value
+                self.window[name + "__n"] += 1
+
+    def flush_window(self, lr: float) -> dict[str, float]:
+        """Write one metrics.jsonl line: window means of the batch metrics since the last line."""
+        line: dict[str, float] = {"step": self.step}
+        for name in list(self.window):
+            if name.endswith("__n") or name == "count":
+                continue
+            line[name] = self.window[name] / max(self.window[name + "__n"], 1)
+        line.update(self.objective.log_values())
+        line.update({"skipped": self.skipped, "lr": lr, "time": round(self.elapsed, 3)})
+        self.window.clear()
+        if dist.is_main():
+            with open(self.out_dir / "metrics.jsonl", "a") as stream:
+                stream.write(json.dumps(line) + "\n")
+        return line
+
+    def log_heldout(self, metrics: dict[str, float]) -> None:
+        if dist.is_main():
+            with open(self.out_dir / "heldout.jsonl", "a") as stream:
+                stream.write(json.dumps({"step": self.step, **metrics}) + "\n")
+
+    def warn(self, message: str) -> None:
+        if dist.is_main():
+            tqdm.write(message, file=sys.stderr)
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True)
+            if line.strip() and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(kept))

@@ -1,0 +1,243 @@
+"""The very deep VAE (Child 2020) as paper 003 A.1 configures it.
+
+A bottom-up encoder turns the image into activations at every resolution; a top-down decoder
+walks its blocks from 1x1 to full resolution, and each block owns one latent group z_i with a
+diagonal Gaussian prior p(z_i | z_<i) and posterior q(z_i | z_<i, x). The decoder's last
+activations go to a head (a 1x1 linear mean head for stage one, paper 003 A.3).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from progvae.blocks import (Block, BlockSpec, conv, match_channels, parse_block_string,
+                            parse_widths, residual_scale)
+from progvae.config import Config
+from progvae.distributions import gaussian_kl, gaussian_sample, precision_weighted_merge
+from progvae.errors import UserError
+from progvae.heads import LinearHead
+
+
+class Encoder(nn.Module):
+    """Bottom-up pass: image -> {resolution: activation} (the last activation at each resolution)."""
+
+    def __init__(self, in_channels: int, specs: list[BlockSpec], widths: dict[int, int],
+                 bottleneck_multiple: float):
+        super().__init__()
+        self.widths = widths
+        first = specs[0].resolution
+        self.in_conv = conv(in_channels, widths[first], 3)
+        scale = residual_scale(len(specs))
+        self.blocks = nn.ModuleList()
+        for spec in specs:
+            width = widths[spec.resolution]
+            self.blocks.append(Block(
+                width, int(width * bottleneck_multiple), width, spatial=spec.resolution > 2,
+                residual=True, down_rate=spec.down_rate, output_scale=scale))
+
+    def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        h = self.in_conv(x)                                  # (B, width, H, W)
+        activations = {h.shape[-1]: h}
+        for block in self.blocks:
+            h = block(h)
+            resolution = h.shape[-1]
+            h = match_channels(h, self.widths[resolution])
+            activations[resolution] = h
+        return activations
+
+
+class DecoderBlock(nn.Module):
+    """One top-down step: prior and posterior of latent group z_i, then a residual block."""
+
+    def __init__(self, spec: BlockSpec, width: int, zdim: int, bottleneck_multiple: float,
+                 n_blocks: int, precision_weighted: bool):
+        super().__init__()
+        self.resolution = spec.resolution
+        self.mixin = spec.mixin
+        self.width = width
+        self.zdim = zdim
+        self.precision_weighted = precision_weighted
+        middle = int(width * bottleneck_multiple)
+        spatial = spec.resolution > 2
+        scale = residual_scale(n_blocks)
+        # q(z_i | stream, encoder activation): sees the stream and the bottom-up features.
+        self.posterior = Block(2 * width, middle, 2 * zdim, spatial=spatial)
+        # p(z_i | stream) plus a feature update of the stream; zero-initialised so every prior
+        # starts as N(0, I) and the stream starts unchanged.
+        self.prior = Block(width, middle, 2 * zdim + width, spatial=spatial, zero_last=True)
+        self.latent_proj = nn.Conv2d(zdim, width, 1)
+        with torch.no_grad():
+            self.latent_proj.weight.mul_(scale)
+        self.resnet = Block(width, middle, width, spatial=spatial, residual=True,
+                            output_scale=scale)
+
+    def forward(self, stream: torch.Tensor, encoder_activation: torch.Tensor | None = None,
+                given_latent: torch.Tensor | None = None, temperature: float = 1.0,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Returns (new stream, latent z_i, elementwise KL or None when not inferring)."""
+        prior_mean, prior_logstd, stream_update = self.prior(stream).split(
+            [self.zdim, self.zdim, self.width], dim=1)
+        kl = None
+        if encoder_activation is not None:
+            posterior_mean, posterior_logstd = self.posterior(
+                torch.cat([stream, encoder_activation], dim=1)).chunk(2, dim=1)
+            if self.precision_weighted:
+                posterior_mean, posterior_logstd = precision_weighted_merge(
+                    posterior_mean, posterior_logstd, prior_mean, prior_logstd)
+            latent = gaussian_sample(posterior_mean, posterior_logstd)
+            # KL in float32 even under reduced-precision autocast.
+            kl = gaussian_kl(posterior_mean.float(), posterior_logstd.float(),
+                             prior_mean.float(), prior_logstd.float())
+        elif given_latent is not None:
+            latent = given_latent
+        else:
+            latent = gaussian_sample(prior_mean, prior_logstd, temperature)
+        stream = stream + stream_update + self.latent_proj(latent)
+        return self.resnet(stream), latent, kl
+
+
+class Decoder(nn.Module):
+    """Top-down pass over the decoder block string; see `forward` for the three ways to run it."""
+
+    def __init__(self, specs: list[BlockSpec], widths: dict[int, int], zdim: int,
+                 bottleneck_multiple: float, image_size: int, precision_weighted: bool):
+        super().__init__()
+        self.image_size = image_size
+        self.widths = widths
+        self.blocks = nn.ModuleList([
+            DecoderBlock(spec, widths[spec.resolution], zdim, bottleneck_multiple, len(specs),
+                         precision_weighted) for spec in specs])
+        resolutions = sorted({spec.resolution for spec in specs})
+        # A learned starting stream per resolution (zero-initialised), as in VDVAE.
+        self.stream_init = nn.ParameterDict({
+            str(r): nn.Parameter(torch.zeros(1, widths[r], r, r)) for r in resolutions})
+        self.out_gain = nn.Parameter(torch.ones(1, widths[image_size], 1, 1))
+        self.out_bias = nn.Parameter(torch.zeros(1, widths[image_size], 1, 1))
+
+    @property
+    def group_resolutions(self) -> list[int]:
+        """Spatial resolution of each latent group, top (first) to bottom (last)."""
+        return [block.resolution for block in self.blocks]
+
+    def forward(self, encoder_activations: dict[int, torch.Tensor] | None = None, *,
+                latents: list[torch.Tensor] | None = None, n: int | None = None,
+                temperature: float = 1.0,
+                condition: dict[int, torch.Tensor] | None = None) -> dict:
+        """Run the decoder top-down.
+
+        - With `encoder_activations`: inference; every z_i ~ q(z_i | z_<i, x), and the KL of each
+          group is returned.
+        - With `latents` (a list of the first K groups): those groups are used as given and the
+          rest come from the prior, as its mean (`temperature=0`) or a sample.
+        - With neither: an unconditional sample of `n` images at `temperature`.
+        `condition` (stage two's U-Net) adds {resolution: activation} to the stream wherever a
+        resolution starts.
+
+        Returns {"features": (B, width, H, W), "latents": [z_i], "kl": [(B, zdim, r, r)]}.
+        """
+        given = latents or []
+        if encoder_activations is not None:
+            batch = next(iter(encoder_activations.values())).shape[0]
+        elif given:
+            batch = given[0].shape[0]
+        elif n is not None:
+            batch = n
+        else:
+            raise ValueError("Decoder needs encoder activations, latents or a sample count n.")
+        streams: dict[int, torch.Tensor] = {}
+        all_latents, kls = [], []
+        for index, block in enumerate(self.blocks):
+            r = block.resolution
+            if r not in streams:
+                stream = self.stream_init[str(r)].expand(batch, -1, -1, -1)
+                if condition is not None:
+                    stream = stream + condition[r]
+                streams[r] = stream
+            stream = streams[r]
+            if block.mixin is not None:
+                upsampled = F.interpolate(streams[block.mixin], scale_factor=r // block.mixin,
+                                          mode="nearest")
+                stream = stream + match_channels(upsampled, block.width)
+            activation = encoder_activations[r] if encoder_activations is not None else None
+            given_latent = given[index] if index < len(given) else None
+            streams[r], latent, kl = block(stream, activation, given_latent, temperature)
+            all_latents.append(latent)
+            if kl is not None:
+                kls.append(kl)
+        features = streams[self.image_size] * self.out_gain + self.out_bias
+        return {"features": features, "latents": all_latents, "kl": kls}
+
+
+class VDVAE(nn.Module):
+    """Encoder + decoder + head. `forward(x)` is the training pass; `decode` and `sample`
+    generate. All images are (B, C, H, W) on the [-1, 1] scale."""
+
+    def __init__(self, config: Config, head: nn.Module | None = None, in_channels: int | None = None):
+        super().__init__()
+        encoder_specs = parse_block_string(config.enc_blocks)
+        decoder_specs = parse_block_string(config.dec_blocks)
+        size = config.image_size
+        if encoder_specs[0].resolution != size or decoder_specs[-1].resolution != size:
+            raise UserError(
+                f"Block strings must start (enc_blocks) and end (dec_blocks) at the image size "
+                f"{size}; got enc_blocks='{config.enc_blocks}' and dec_blocks='{config.dec_blocks}'.")
+        resolutions = {s.resolution for s in encoder_specs + decoder_specs}
+        widths = parse_widths(config.width, config.custom_width, resolutions | {1})
+        missing = {s.resolution for s in decoder_specs} - _encoder_resolutions(encoder_specs)
+        if missing:
+            raise UserError(f"dec_blocks uses resolutions {sorted(missing)} that enc_blocks never "
+                            "produces; make the two block strings cover the same resolutions.")
+        self.image_size = size
+        self.image_channels = config.image_channels
+        self.encoder = Encoder(in_channels or config.image_channels, encoder_specs, widths,
+                               config.bottleneck_multiple)
+        self.decoder = Decoder(decoder_specs, widths, config.zdim, config.bottleneck_multiple, size,
+                               config.precision_weighted_merge)
+        self.head = head if head is not None else LinearHead(widths[size], config.image_channels)
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.decoder.blocks)
+
+    @property
+    def dims_per_image(self) -> int:
+        return self.image_channels * self.image_size ** 2
+
+    def forward(self, x: torch.Tensor, encoder_input: torch.Tensor | None = None) -> dict:
+        """Infer z ~ q(z | x) top-down and decode it.
+
+        Returns {"output": head parameters, "rate": (B,) KL in nats per dimension,
+        "kl": [(B,) nats per group], "latents": [z_i]}.
+        """
+        activations = self.encoder(x if encoder_input is None else encoder_input)
+        decoded = self.decoder(activations)
+        kl_per_group = [kl.flatten(1).sum(1) for kl in decoded["kl"]]
+        rate = torch.stack(kl_per_group, dim=1).sum(1) / self.dims_per_image
+        return {"output": self.head(decoded["features"]), "rate": rate, "kl": kl_per_group,
+                "latents": decoded["latents"]}
+
+    def decode(self, latents: list[torch.Tensor] | None = None, n: int | None = None,
+               temperature: float = 1.0) -> torch.Tensor:
+        """Head parameters from the first K given latent groups; the rest from the prior
+        (its mean at temperature 0, else a sample at `temperature`)."""
+        return self.head(self.decoder(latents=latents, n=n, temperature=temperature)["features"])
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0) -> torch.Tensor:
+        """Mean images of n draws z ~ p(z): (n, C, H, W) in [-1, 1] (not clamped)."""
+        return self.head.mean(self.decode(n=n, temperature=temperature))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head.mean(self.forward(x)["output"])
+
+
+def _encoder_resolutions(specs: list[BlockSpec]) -> set[int]:
+    resolutions = set()
+    for spec in specs:
+        resolutions.add(spec.resolution)
+        if spec.down_rate:
+            resolutions.add(spec.resolution // spec.down_rate)
+    return resolutions

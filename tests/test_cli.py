@@ -1,0 +1,126 @@
+"""The command line on bad input: one sentence, a non-zero exit, no traceback, nothing lost."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import imageio.v3 as iio
+
+QUICK = ["--steps=2", "--log_every=1", "--checkpoint_every=0", "--n_grid=4", "--quiet=True"]
+
+
+def progvae(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "progvae", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+
+
+def assert_one_sentence_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    message = result.stderr.strip()
+    assert message.startswith("progvae: error:") and "\n" not in message, message
+    for needle in needles:
+        assert needle in message, message
+
+
+def stage1(*args: str) -> subprocess.CompletedProcess:
+    return progvae("stage1", "--config=digits", "--distortion_target=0.02", *QUICK, *args)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A tiny stage-one run that bad commands must leave exactly as it is."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    result = stage1(f"--out={out}")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_a_short_run_writes_the_run_directory_contract(finished_run):
+    names = set(snapshot(finished_run))
+    assert {"config.json", "metrics.jsonl", "checkpoint.pt", "summary.json",
+            "reconstructions.png", "samples.png"} <= names
+    line = json.loads((finished_run / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"step", "loss", "rate", "distortion", "multiplier", "grad_norm", "skipped",
+            "lr"} <= set(line)
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert {"rate", "distortion", "psnr", "multiplier", "target"} <= set(summary)
+
+
+def test_sample_writes_a_grid(finished_run, tmp_path):
+    out = tmp_path / "s.png"
+    result = progvae("sample", f"--run={finished_run}", "--n=5", f"--out={out}")
+    assert result.returncode == 0, result.stderr
+    assert iio.imread(out).ndim >= 2
+
+
+def test_missing_data_path(tmp_path):
+    result = stage1(f"--out={tmp_path / 'o'}", f"--data=folder:{tmp_path / 'missing'}")
+    assert_one_sentence_error(result, "missing")
+    assert not (tmp_path / "o").exists()
+
+
+def test_folder_without_images(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = stage1(f"--out={tmp_path / 'o'}", f"--data=folder:{tmp_path / 'empty'}")
+    assert_one_sentence_error(result, "empty")
+
+
+def test_unreadable_image_is_named(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        iio.imwrite(folder / f"ok{i}.png", np.zeros((16, 16), np.uint8))
+    (folder / "broken.png").write_bytes(b"not a png at all")
+    result = stage1(f"--out={tmp_path / 'o'}", f"--data=folder:{folder}")
+    assert_one_sentence_error(result, "broken.png")
+
+
+def test_images_of_the_wrong_size(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        iio.imwrite(folder / f"im{i}.png", np.zeros((20, 20), np.uint8))
+    result = stage1(f"--out={tmp_path / 'o'}", f"--data=folder:{folder}")
+    assert_one_sentence_error(result, "20", "16")
+
+
+def test_unknown_preset_and_field_and_bad_type(tmp_path, finished_run):
+    before = snapshot(finished_run)
+    assert_one_sentence_error(
+        progvae("stage1", "--config=nosuch", f"--out={finished_run}"), "nosuch")
+    assert_one_sentence_error(stage1(f"--out={finished_run}", "--wdith=3"), "wdith")
+    assert_one_sentence_error(stage1(f"--out={finished_run}", "--steps=lots"), "steps")
+    assert snapshot(finished_run) == before
+
+
+@pytest.mark.parametrize("target", ["0", "-0.5"])
+def test_non_positive_distortion_target(finished_run, target):
+    before = snapshot(finished_run)
+    result = progvae("stage1", "--config=digits", f"--distortion_target={target}",
+                     f"--out={finished_run}", *QUICK)
+    assert_one_sentence_error(result, "distortion target")
+    assert snapshot(finished_run) == before
+
+
+def test_changed_architecture_on_an_existing_run(finished_run):
+    before = snapshot(finished_run)
+    assert_one_sentence_error(stage1(f"--out={finished_run}", "--width=16"), "width")
+    assert snapshot(finished_run) == before
+
+
+def test_sample_without_a_checkpoint(tmp_path):
+    (tmp_path / "norun").mkdir()
+    result = progvae("sample", f"--run={tmp_path / 'norun'}", f"--out={tmp_path / 'x.png'}")
+    assert_one_sentence_error(result, "checkpoint")
+    assert_one_sentence_error(
+        progvae("sample", f"--run={tmp_path / 'nowhere'}", f"--out={tmp_path / 'x.png'}"),
+        "nowhere")

@@ -1,0 +1,74 @@
+"""Training behaviour a user relies on: the target is met, and a killed run resumes exactly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+RESUME_ARGS = ["stage1", "--config=digits", "--distortion_target=0.02", "--steps=60",
+               "--checkpoint_every=10", "--log_every=5", "--n_grid=4", "--quiet=True"]
+
+
+def command(out: Path) -> list[str]:
+    return [sys.executable, "-m", "progvae", *RESUME_ARGS, f"--out={out}"]
+
+
+def final_state(out: Path) -> dict:
+    return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+
+
+def metrics_without_time(out: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        line.pop("time")
+    return lines
+
+
+def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(command(straight), check=True, capture_output=True, timeout=600)
+
+    process = subprocess.Popen(command(killed), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint.pt").exists() and process.poll() is None:
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    time.sleep(0.3)   # let it train past the checkpoint, so there is work to redo
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    interrupted_at = final_state(killed)["step"]
+    assert interrupted_at < 60, "the run finished before it could be killed"
+
+    resumed = subprocess.run(command(killed), check=True, capture_output=True, text=True,
+                             timeout=600)
+    assert f"Resuming stage1 from step {interrupted_at}" in resumed.stdout
+
+    a, b = final_state(straight), final_state(killed)
+    assert a["step"] == b["step"] == 60
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+    assert a["objective"] == b["objective"]          # the multiplier and its Adam state
+    assert metrics_without_time(straight) == metrics_without_time(killed)
+    assert json.loads((straight / "summary.json").read_text())["distortion"] == \
+        json.loads((killed / "summary.json").read_text())["distortion"]
+    assert not list(killed.glob("*.tmp")), "a temporary checkpoint was left behind"
+
+
+def test_the_demo_meets_its_distortion_target(tmp_path):
+    """The built-in demo (stage one on digits) lands within 10% of its target on held-out data."""
+    result = subprocess.run([sys.executable, "-m", "progvae", "demo", f"--out={tmp_path / 'demo'}",
+                             "--quiet=True"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert abs(summary["distortion"] / summary["target"] - 1) <= 0.10, summary
+    assert summary["skipped"] < summary["steps"] // 10
+    for name in ("reconstructions.png", "samples.png"):
+        assert (tmp_path / "demo" / name).stat().st_size > 0
