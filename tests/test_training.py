@@ -1,15 +1,18 @@
 """Training behaviour a user relies on: the target is met, and a killed run resumes exactly."""
 
+import dataclasses
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
+
+from progvae.config import load_config
+from progvae.stages.stage1 import train_stage1
+from progvae.vdvae import VDVAE
 
 RESUME_ARGS = ["stage1", "--config=digits", "--distortion_target=0.02", "--steps=60",
                "--checkpoint_every=10", "--log_every=5", "--n_grid=4", "--quiet=True"]
@@ -72,3 +75,19 @@ def test_the_demo_meets_its_distortion_target(tmp_path):
     assert summary["skipped"] < summary["steps"] // 10
     for name in ("reconstructions.png", "samples.png"):
         assert (tmp_path / "demo" / name).stat().st_size > 0
+
+
+def test_updates_over_the_skip_threshold_are_skipped_counted_and_warned_about(tmp_path, capsys):
+    config = load_config("digits", {
+        "steps": 101, "skip_threshold": 1e-12, "width": 8, "log_every": 50,
+        "checkpoint_every": 0, "n_grid": 4, "dec_blocks": "1x1,4m1,8m4,16m8",
+        "enc_blocks": "16d2,8d2,4d4,1x1"})
+    torch.manual_seed(config.seed)
+    initial = VDVAE(dataclasses.replace(config, image_channels=1)).state_dict()
+    summary = train_stage1(config, tmp_path / "run", quiet=True)
+    assert summary["skipped"] == 101
+    final = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(initial[name], final[name]) for name in initial)
+    assert "updates were skipped" in capsys.readouterr().err.replace("\n", " ")
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["skipped"] == 101
