@@ -6,7 +6,6 @@ command turns bad input into one sentence on stderr and exit status 2, never a t
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from pathlib import Path
@@ -32,12 +31,43 @@ def stage1(config: str = "tiny", out: str = "", quiet: bool = False, **overrides
     _print_stage1_summary(summary, out)
 
 
-def sample(run: str, n: int = 64, out: str = "samples.png", seed: int = 0,
-           temperature: float = 1.0, batch_size: int = 256) -> None:
-    """Draw n samples from a trained run and save them as an image grid.
+def stage2(stage1: str = "", config: str = "", out: str = "", quiet: bool = False,
+           **overrides) -> None:
+    """Train stage two on a finished, frozen stage-one run.
 
-    A stage-one run gives stage-one mean samples: z ~ p(z) at `temperature`, decoded to the
-    head's mean. Example: python -m progvae sample --run=runs/s1 --n=64 --out=samples.png
+    Example: python -m progvae stage2 --stage1=runs/s1 --out=runs/s2 --steps=2000
+    --config defaults to the stage-one run's own configuration (architecture, data, optimiser);
+    any field can be overridden as --field=value. Re-running on the same --out resumes.
+    """
+    from progvae.stages.stage2 import train_stage2
+
+    if not stage1:
+        raise UserError("Pass --stage1=RUN, the directory of a finished stage-one run.")
+    summary = train_stage2(_stage2_config(stage1, config, overrides), stage1, out, quiet=quiet)
+    _print_composite_summary(summary, out)
+
+
+def joint(config: str = "tiny", out: str = "", quiet: bool = False, **overrides) -> None:
+    """Train the conventional baseline: stage one and stage two end to end by the ELBO.
+
+    Example: python -m progvae joint --config=digits --out=runs/joint --steps=2000
+    """
+    from progvae.config import load_config
+    from progvae.stages.joint import train_joint
+
+    summary = train_joint(load_config(config, overrides), out, quiet=quiet)
+    _print_composite_summary(summary, out)
+
+
+def sample(run: str, n: int = 64, out: str = "samples.png", seed: int = 0,
+           temperature: float = 1.0, stage1_temperature: float | None = None,
+           npz: str = "", batch_size: int = 256) -> None:
+    """Draw n samples from a trained run and save them as an image grid (and --npz=FILE).
+
+    A stage-one run gives stage-one mean samples (z ~ p(z), decoded to the head's mean); a
+    stage-two or joint run gives full pipeline samples (z ~ p(z), x_tilde, then x ~ stage two).
+    --npz=FILE also saves every image as uint8 NHWC under the key "samples" (for FID).
+    Example: python -m progvae sample --run=runs/s2 --n=64 --out=samples.png --temperature=0.9
     """
     import numpy as np
     import torch
@@ -45,27 +75,33 @@ def sample(run: str, n: int = 64, out: str = "samples.png", seed: int = 0,
 
     from progvae.data import to_uint8_images
     from progvae.images import save_grid
-    from progvae.runs import load_model
+    from progvae.runs import load_sampler
     from progvae.trainer import default_device
 
     if not (isinstance(n, int) and n > 0):
         raise UserError(f"--n must be a positive integer, got {n!r}.")
     if not str(out).lower().endswith(".png"):
         raise UserError(f"--out must name a .png file, got '{out}'.")
+    if npz and not str(npz).endswith(".npz"):
+        raise UserError(f"--npz must name a .npz file, got '{npz}'.")
     device = default_device()
-    _, model, _ = load_model(run, device)
+    kind, draw = load_sampler(run, device, stage1_temperature)
     torch.manual_seed(seed)
     batches = []
-    with tqdm(total=n, desc="sampling", disable=n <= batch_size) as bar:
+    with tqdm(total=n, desc=f"sampling ({kind})", disable=n <= batch_size) as bar:
         for start in range(0, n, batch_size):
             count = min(batch_size, n - start)
-            batches.append(to_uint8_images(model.sample(count, temperature).cpu()))
+            batches.append(to_uint8_images(draw(count, temperature).cpu()))
             bar.update(count)
     images = np.concatenate(batches)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     shown = images[:1024]  # a grid of more would be unreadable
     save_grid(shown, out)
-    print(f"Wrote {len(shown)} samples of '{run}' to {out}.")
+    print(f"Wrote {len(shown)} {kind} samples of '{run}' to {out}.")
+    if npz:
+        Path(npz).parent.mkdir(parents=True, exist_ok=True)
+        np.savez(npz, samples=images)
+        print(f"Saved all {len(images)} samples as uint8 NHWC under 'samples' in {npz}.")
 
 
 def demo(out: str = "runs/demo", steps: int | None = None, quiet: bool = False) -> None:
@@ -86,6 +122,29 @@ def demo(out: str = "runs/demo", steps: int | None = None, quiet: bool = False) 
     print(f"Demo finished in {time.perf_counter() - started:.0f} s.")
 
 
+def _stage2_config(stage1_run: str, preset: str, overrides: dict):
+    """Stage two's config: a preset if given, else the stage-one run's own config.json."""
+    from progvae.checkpoint import load_run_config
+    from progvae.config import apply_overrides, load_config
+
+    if preset:
+        return load_config(preset, overrides)
+    _, stage1_config = load_run_config(stage1_run)
+    return apply_overrides(stage1_config, overrides, "the command line")
+
+
+def _print_composite_summary(summary: dict, out: str) -> None:
+    print(f"\n{summary['stage']}, held-out split after {summary['steps']} steps "
+          f"({summary['skipped']} skipped):")
+    print(f"  ELBO {summary['elbo']:.4f} nats/dim = {summary['bpd']:.4f} bits/dim "
+          f"(stage-one rate {summary['stage1_rate']:.4f}, stage-two rate {summary['rate']:.4f}, "
+          f"nll {summary['nll']:.4f})")
+    print(f"  MSE of stage one {summary['stage1_distortion']:.5f} -> final {summary['mse']:.5f} "
+          f"(PSNR {summary['psnr']:.2f} dB)")
+    print(f"  {summary['steps_per_second']:.1f} steps/s; wrote {out}/summary.json, "
+          f"reconstructions.png, samples.png")
+
+
 def _print_stage1_summary(summary: dict, out: str) -> None:
     print(f"\nStage one, held-out split after {summary['steps']} steps "
           f"({summary['skipped']} skipped):")
@@ -96,7 +155,7 @@ def _print_stage1_summary(summary: dict, out: str) -> None:
           f"reconstructions.png, samples.png")
 
 
-COMMANDS = {"stage1": stage1, "sample": sample, "demo": demo}
+COMMANDS = {"stage1": stage1, "stage2": stage2, "joint": joint, "sample": sample, "demo": demo}
 
 
 def main(argv: list[str] | None = None) -> None:

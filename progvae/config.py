@@ -33,6 +33,7 @@ class Config:
     zdim: int = 16                  # channels of each latent group
     bottleneck_multiple: float = 0.25  # bottleneck width of residual blocks / width
     precision_weighted_merge: bool = False  # Sonderby et al. 2016 posterior (paper 002 A.1)
+    n_mixtures: int = 10            # components of the DMoL head (stage two, vdvae)
 
     # --- optimisation (paper 003 A.1, VDVAE defaults) -----------------------------------------
     batch_size: int = 16            # per process; global batch = batch_size x world size
@@ -57,6 +58,9 @@ class Config:
     multiplier_beta2: float = 0.999
     distortion_ema: float = 0.99    # EMA of D that drives the multiplier
 
+    # --- stage two ----------------------------------------------------------------------------
+    stage1: str = ""                # the stage-one run directory stage two is trained on
+
     # --- bookkeeping --------------------------------------------------------------------------
     log_every: int = 50             # steps between metrics.jsonl lines
     eval_every: int = 5000          # steps between held-out evaluations (0: only at the end)
@@ -75,7 +79,7 @@ class Config:
 
 ARCHITECTURE_FIELDS = (
     "image_size", "image_channels", "enc_blocks", "dec_blocks", "width", "custom_width", "zdim",
-    "bottleneck_multiple", "precision_weighted_merge",
+    "bottleneck_multiple", "precision_weighted_merge", "n_mixtures",
 )
 
 

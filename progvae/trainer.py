@@ -204,6 +204,18 @@ class Trainer:
                     totals[name] += float(value) * len(batch)
         return {name: total / len(test) for name, total in totals.items()}
 
+    def run_facts(self) -> dict:
+        """What every summary.json reports about the training itself."""
+        return {
+            "stage": self.stage,
+            "data": self.data.name,
+            "steps": self.step,
+            "skipped": self.skipped,
+            "train_seconds": round(self.elapsed, 2),
+            "steps_per_second": round(self.step / max(self.elapsed, 1e-9), 3),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+        }
+
     # ---------------------------------------------------------------------------------------
     # the loop
     def fit(self) -> None:

@@ -172,9 +172,17 @@ class Decoder(nn.Module):
 
 class VDVAE(nn.Module):
     """Encoder + decoder + head. `forward(x)` is the training pass; `decode` and `sample`
-    generate. All images are (B, C, H, W) on the [-1, 1] scale."""
+    generate. All images are (B, C, H, W) on the [-1, 1] scale.
 
-    def __init__(self, config: Config, head: nn.Module | None = None, in_channels: int | None = None):
+    `head` is "linear" (stage one's 1x1 mean head) or "dmol" (a discretized mixture of
+    logistics with `config.n_mixtures` components).
+    With `conditional=True` this is stage two's conditional VDVAE (paper 003 A.4, paper 002
+    A.2): the posterior encoder sees [x, x_tilde] (channel concatenation), and a second encoder
+    of the same shape sees x_tilde alone and hands its activation at every resolution to the
+    decoder (a U-Net), so the prior p(z | x_tilde) and the decoder are both conditioned on it.
+    """
+
+    def __init__(self, config: Config, head: str = "linear", conditional: bool = False):
         super().__init__()
         encoder_specs = parse_block_string(config.enc_blocks)
         decoder_specs = parse_block_string(config.dec_blocks)
@@ -189,13 +197,17 @@ class VDVAE(nn.Module):
         if missing:
             raise UserError(f"dec_blocks uses resolutions {sorted(missing)} that enc_blocks never "
                             "produces; make the two block strings cover the same resolutions.")
+        channels = config.image_channels
         self.image_size = size
-        self.image_channels = config.image_channels
-        self.encoder = Encoder(in_channels or config.image_channels, encoder_specs, widths,
+        self.image_channels = channels
+        self.conditional = conditional
+        self.encoder = Encoder(2 * channels if conditional else channels, encoder_specs, widths,
                                config.bottleneck_multiple)
+        self.condition_encoder = (Encoder(channels, encoder_specs, widths,
+                                          config.bottleneck_multiple) if conditional else None)
         self.decoder = Decoder(decoder_specs, widths, config.zdim, config.bottleneck_multiple, size,
                                config.precision_weighted_merge)
-        self.head = head if head is not None else LinearHead(widths[size], config.image_channels)
+        self.head = build_head(head, widths[size], channels, config.n_mixtures)
 
     @property
     def n_groups(self) -> int:
@@ -205,24 +217,35 @@ class VDVAE(nn.Module):
     def dims_per_image(self) -> int:
         return self.image_channels * self.image_size ** 2
 
-    def forward(self, x: torch.Tensor, encoder_input: torch.Tensor | None = None) -> dict:
-        """Infer z ~ q(z | x) top-down and decode it.
+    def _condition(self, condition_image: torch.Tensor | None) -> dict[int, torch.Tensor] | None:
+        if self.conditional != (condition_image is not None):
+            raise ValueError("A conditional VDVAE needs condition_image; a plain one takes none.")
+        return None if condition_image is None else self.condition_encoder(condition_image)
+
+    def forward(self, x: torch.Tensor, condition_image: torch.Tensor | None = None) -> dict:
+        """Infer z ~ q(z | x [, x_tilde]) top-down and decode it.
 
         Returns {"output": head parameters, "rate": (B,) KL in nats per dimension,
         "kl": [(B,) nats per group], "latents": [z_i]}.
         """
-        activations = self.encoder(x if encoder_input is None else encoder_input)
-        decoded = self.decoder(activations)
+        condition = self._condition(condition_image)
+        encoder_input = x if condition_image is None else torch.cat([x, condition_image], dim=1)
+        decoded = self.decoder(self.encoder(encoder_input), condition=condition)
         kl_per_group = [kl.flatten(1).sum(1) for kl in decoded["kl"]]
         rate = torch.stack(kl_per_group, dim=1).sum(1) / self.dims_per_image
         return {"output": self.head(decoded["features"]), "rate": rate, "kl": kl_per_group,
                 "latents": decoded["latents"]}
 
     def decode(self, latents: list[torch.Tensor] | None = None, n: int | None = None,
-               temperature: float = 1.0) -> torch.Tensor:
+               temperature: float = 1.0, condition_image: torch.Tensor | None = None
+               ) -> torch.Tensor:
         """Head parameters from the first K given latent groups; the rest from the prior
         (its mean at temperature 0, else a sample at `temperature`)."""
-        return self.head(self.decoder(latents=latents, n=n, temperature=temperature)["features"])
+        if n is None and condition_image is not None:
+            n = condition_image.shape[0]
+        decoded = self.decoder(latents=latents, n=n, temperature=temperature,
+                               condition=self._condition(condition_image))
+        return self.head(decoded["features"])
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0) -> torch.Tensor:
@@ -230,8 +253,19 @@ class VDVAE(nn.Module):
         return self.head.mean(self.decode(n=n, temperature=temperature))
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head.mean(self.forward(x)["output"])
+    def reconstruct(self, x: torch.Tensor, condition_image: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+        """The head's mean given z ~ q(z | x [, x_tilde])."""
+        return self.head.mean(self.forward(x, condition_image)["output"])
+
+
+def build_head(kind: str, width: int, image_channels: int, n_mixtures: int) -> nn.Module:
+    if kind == "linear":
+        return LinearHead(width, image_channels)
+    if kind == "dmol":
+        from progvae.dmol import DmolHead
+        return DmolHead(width, image_channels, n_mixtures)
+    raise ValueError(f"unknown head '{kind}'")
 
 
 def _encoder_resolutions(specs: list[BlockSpec]) -> set[int]:

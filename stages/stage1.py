@@ -3,7 +3,6 @@ target (paper 003 §5 and A.3, A.5; paper 002 §3 and B.2)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -12,7 +11,9 @@ from progvae import dist
 from progvae.checkpoint import write_json
 from progvae.config import Config
 from progvae.controllers import build_controller
-from progvae.runs import prepare_run, psnr, write_image_grids
+from progvae.data import ImageData, to_uint8_images
+from progvae.images import save_grid
+from progvae.runs import build_model, heldout_batch, prepare_run, psnr, seeded, write_comparison
 from progvae.trainer import Trainer
 from progvae.vdvae import VDVAE
 
@@ -47,7 +48,7 @@ def train_stage1(config: Config, out: str | Path, quiet: bool = False) -> dict:
     """Train (or continue) a stage-one run in `out`; returns the held-out summary."""
     controller = build_controller(config)          # fails on a bad target before any write
     config, data, out_dir = prepare_run(config, out, "stage1")
-    model = VDVAE(config)
+    model = build_model(config, "stage1")
     trainer = Trainer(model, Stage1Objective(controller), config, data, out_dir, "stage1", quiet)
     trainer.resume()
     trainer.fit()
@@ -70,7 +71,18 @@ def train_stage1(config: Config, out: str | Path, quiet: bool = False) -> dict:
     }
     if dist.is_main():
         write_json(summary, out_dir / "summary.json")
-        write_image_grids(trainer.ema_model, data, out_dir, config.n_grid, trainer.device,
-                          config.seed)
+        write_stage1_images(trainer.ema_model, data, out_dir, config.n_grid, config.seed)
     dist.barrier()
     return summary
+
+
+@torch.no_grad()
+def write_stage1_images(model: VDVAE, data: ImageData, out_dir: Path, n: int, seed: int) -> None:
+    """reconstructions.png (rows of held-out originals over their reconstructions) and
+    samples.png (mean decodings of z ~ p(z)), from a fixed seed."""
+    device = next(model.parameters()).device
+    with seeded(seed, device):
+        originals, x = heldout_batch(data, n, device)
+        reconstructions = to_uint8_images(model.reconstruct(x).cpu())
+        write_comparison([originals, reconstructions], out_dir / "reconstructions.png")
+        save_grid(to_uint8_images(model.sample(n).cpu()), out_dir / "samples.png")
