@@ -6,6 +6,7 @@ command turns bad input into one sentence on stderr and exit status 2, never a t
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ import fire
 from progvae.errors import UserError
 
 DEMO_TARGET = 0.02
+DEMO_STAGE2_STEPS = 600
 
 
 def stage1(config: str = "tiny", out: str = "", quiet: bool = False, **overrides) -> None:
@@ -22,6 +24,14 @@ def stage1(config: str = "tiny", out: str = "", quiet: bool = False, **overrides
 
     Example: python -m progvae stage1 --config=tiny --data=patches --out=runs/s1
              --distortion_target=0.015 --steps=3000 --checkpoint_every=500
+    --controller=NAME picks how the rate-distortion multiplier is set (progvae/controllers.py):
+      lagrangian  projected Lagrangian of paper 003 A.5 (default)
+      geco        GECO, paper 004 Algorithm 1            (--geco_lr, --geco_ema, ...)
+      dco         D-CO, paper 000 eq. 3                  (--dco_lr, --dco_momentum, --dco_max)
+      hinge       D-hinge, paper 000 eq. 4, fixed weight (--hinge_weight)
+      beta        beta-VAE D + beta R, fixed, no target  (--beta)
+      rate        rate targeting, R held to --rate_target nats/dim instead of D
+    summary.json says whether the target was met ("constraint_met").
     Any config field can be overridden as --field=value. Re-running on the same --out resumes.
     """
     from progvae.config import load_config
@@ -104,22 +114,62 @@ def sample(run: str, n: int = 64, out: str = "samples.png", seed: int = 0,
         print(f"Saved all {len(images)} samples as uint8 NHWC under 'samples' in {npz}.")
 
 
-def demo(out: str = "runs/demo", steps: int | None = None, quiet: bool = False) -> None:
-    """The built-in end-to-end demo: stage one on scikit-learn's digits, to a distortion target,
-    on CPU in a few minutes. Writes image grids and a summary to --out."""
+def demo(out: str = "runs/demo", steps: int | None = None, stage2_steps: int = DEMO_STAGE2_STEPS,
+         quiet: bool = False) -> None:
+    """The built-in end-to-end demo on scikit-learn's digits, on CPU in a few minutes: stage
+    one to a distortion target (OUT/stage1), then stage two on it (OUT/stage2), with image
+    grids, summaries and pipeline samples (OUT/samples.png)."""
     from progvae.config import load_config
     from progvae.stages.stage1 import train_stage1
+    from progvae.stages.stage2 import train_stage2
 
     overrides = {"distortion_target": DEMO_TARGET}
     if steps is not None:
         overrides["steps"] = steps
     config = load_config("digits", overrides)
+    stage1_out, stage2_out = f"{out}/stage1", f"{out}/stage2"
     print(f"progvae demo: stage one on built-in digits ({config.image_size}x{config.image_size}), "
-          f"distortion target {config.distortion_target} MSE/dim, {config.steps} steps -> {out}")
+          f"distortion target {config.distortion_target} MSE/dim, {config.steps} steps -> "
+          f"{stage1_out}")
     started = time.perf_counter()
-    summary = train_stage1(config, out, quiet=quiet)
-    _print_stage1_summary(summary, out)
+    summary = train_stage1(config, stage1_out, quiet=quiet)
+    _print_stage1_summary(summary, stage1_out)
+    print(f"\nprogvae demo: stage two on the frozen stage one, {stage2_steps} steps -> "
+          f"{stage2_out}")
+    stage2_config = dataclasses.replace(config, steps=stage2_steps)
+    summary = train_stage2(stage2_config, stage1_out, stage2_out, quiet=quiet)
+    _print_composite_summary(summary, stage2_out)
+    sample(stage2_out, n=64, out=f"{out}/samples.png", seed=0)
     print(f"Demo finished in {time.perf_counter() - started:.0f} s.")
+
+
+def sweep(config: str = "tiny", out: str = "", targets=None, quiet: bool = True,
+          **overrides) -> None:
+    """Rate-distortion sweep: one stage-one run per target, then rd.json and figures in --out.
+
+    Example: python -m progvae sweep --config=digits --targets=0.0512,0.0256,0.0128
+             --controller=dco --out=runs/sweep
+    --controller=NAME as for stage1. --targets are distortion targets (MSE/dim), rate targets
+    (nats/dim) for --controller=rate, or beta values for --controller=beta. Each run lives in
+    OUT/target_T/; a finished target is skipped and an interrupted one resumes from its
+    checkpoint, so re-running the same command finishes a killed sweep. Writes rd.json, rd.png,
+    multipliers.png and reconstructions.png. Any other config field can be overridden as
+    --field=value.
+    """
+    from progvae.config import load_config
+    from progvae.evaluation.sweep import parse_targets, run_sweep
+
+    config = load_config(config, overrides)
+    result = run_sweep(config, parse_targets(targets), out, quiet=quiet)
+    print(f"\nSweep of {len(result['runs'])} targets ({config.controller}), held-out split:")
+    print(f"  {'target':>10} {'distortion':>10} {'PSNR':>7} {'rate':>9} {'multiplier':>10} "
+          f"{'met':>5} {'reached at':>10}")
+    for run in result["runs"]:
+        print(f"  {run['target']:>10g} {run['distortion']:>10.5f} {run['psnr']:>7.2f} "
+              f"{run['rate']:>9.5f} {run['multiplier']:>10.4g} {str(run['constraint_met']):>5} "
+              f"{str(run['steps_to_target']):>10}")
+    print(f"Wrote {out}/rd.json, rd.png, multipliers.png, reconstructions.png "
+          f"(figures in {result['figures_seconds']:.1f} s).")
 
 
 def _stage2_config(stage1_run: str, preset: str, overrides: dict):
@@ -134,6 +184,8 @@ def _stage2_config(stage1_run: str, preset: str, overrides: dict):
 
 
 def _print_composite_summary(summary: dict, out: str) -> None:
+    if not _is_main():
+        return
     print(f"\n{summary['stage']}, held-out split after {summary['steps']} steps "
           f"({summary['skipped']} skipped):")
     print(f"  ELBO {summary['elbo']:.4f} nats/dim = {summary['bpd']:.4f} bits/dim "
@@ -146,16 +198,29 @@ def _print_composite_summary(summary: dict, out: str) -> None:
 
 
 def _print_stage1_summary(summary: dict, out: str) -> None:
+    if not _is_main():
+        return
     print(f"\nStage one, held-out split after {summary['steps']} steps "
           f"({summary['skipped']} skipped):")
-    print(f"  distortion {summary['distortion']:.5f} MSE/dim  (target {summary['target']}, "
-          f"{100 * summary['relative_error']:+.1f}%)   PSNR {summary['psnr']:.2f} dB")
-    print(f"  rate       {summary['rate']:.5f} nats/dim   multiplier {summary['multiplier']:.5f}")
+    notes = {"distortion": "", "rate": ""}
+    if summary.get("constrained") in notes:   # absent from summaries of older runs
+        notes[summary["constrained"]] = (f"  (target {summary['target']}, "
+                                         f"{100 * summary['relative_error']:+.1f}%)")
+    print(f"  distortion {summary['distortion']:.5f} MSE/dim{notes['distortion']}   "
+          f"PSNR {summary['psnr']:.2f} dB")
+    print(f"  rate       {summary['rate']:.5f} nats/dim{notes['rate']}   "
+          f"multiplier {summary['multiplier']:.5g}")
     print(f"  {summary['steps_per_second']:.1f} steps/s; wrote {out}/summary.json, "
           f"reconstructions.png, samples.png")
 
 
-COMMANDS = {"stage1": stage1, "stage2": stage2, "joint": joint, "sample": sample, "demo": demo}
+def _is_main() -> bool:
+    from progvae import dist
+    return dist.is_main()
+
+
+COMMANDS = {"stage1": stage1, "stage2": stage2, "joint": joint, "sample": sample, "demo": demo,
+            "sweep": sweep}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -164,6 +229,9 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as error:
         print(f"progvae: error: {error}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        from progvae import dist
+        dist.cleanup()
 
 
 if __name__ == "__main__":

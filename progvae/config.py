@@ -36,7 +36,8 @@ class Config:
     n_mixtures: int = 10            # components of the DMoL head (stage two, vdvae)
 
     # --- optimisation (paper 003 A.1, VDVAE defaults) -----------------------------------------
-    batch_size: int = 16            # per process; global batch = batch_size x world size
+    batch_size: int = 16            # per process; global batch = batch_size x world size x accumulate
+    accumulate: int = 1             # gradient-accumulation micro-steps per update
     lr: float = 2e-4
     adam_beta1: float = 0.9
     adam_beta2: float = 0.9
@@ -57,6 +58,19 @@ class Config:
     multiplier_lr: float = 2e-4     # Adam on the multiplier, betas (0, 0.999)
     multiplier_beta2: float = 0.999
     distortion_ema: float = 0.99    # EMA of D that drives the multiplier
+    # controllers other than the default (progvae/controllers.py; --controller=NAME):
+    rate_target: float = 0.0        # rate: KL target in nats/dim (paper 003 A.5, last sentence)
+    geco_init: float = 1.0          # geco: lam at step 0 (paper 004 Algorithm 1)
+    geco_lr: float = 1.0            # geco: log lam += geco_lr * C_ma each update (Alg. 1 caption)
+    geco_ema: float = 0.99          # geco: alpha of the constraint moving average (paper 004 §4.1)
+    geco_min: float = 1e-4          # geco: lam clipped to [geco_min, geco_max] (not in the paper;
+    geco_max: float = 1e4           #   the lagrangian's [1e-4, 0.9999] as odds lam / (1 - lam))
+    dco_lr: float = 5e-3            # dco: SGD on log lam (paper 000 §4.1)
+    dco_momentum: float = 0.99      # dco: SGD momentum, dampening equal to it (paper 000 §3.1.1)
+    dco_max: float = 1e3            # dco: clip lam <= dco_max, and start there (paper 000 §3.1.1)
+    hinge_weight: float = 1.0       # hinge: fixed lam of R + lam max(D/c - 1, 0) (paper 000 eq. 4)
+    beta: float = 1.0               # beta: fixed weight of D + beta R (no target)
+    constraint_tolerance: float = 0.05  # summary: met if held-out D (R) <= target * (1 + this)
 
     # --- stage two ----------------------------------------------------------------------------
     stage1: str = ""                # the stage-one run directory stage two is trained on
@@ -68,6 +82,7 @@ class Config:
     eval_batch_size: int = 64
     n_grid: int = 64                # images in samples.png / reconstructions.png
     num_threads: int = 0            # torch CPU threads (0: torch's default)
+    dist_timeout: float = 1800.0    # seconds a rank waits for its peers before the run fails
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

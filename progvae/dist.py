@@ -1,11 +1,49 @@
-"""Distributed helpers that are no-ops in one process (torchrun sets the environment)."""
+"""Distributed helpers that are no-ops in one process.
+
+Under `torchrun` the environment names this process's rank; `setup` joins the process group
+(NCCL on CUDA, gloo on CPU) and everything else here then talks to the other ranks. Without
+torchrun every helper answers as the only process would, so the single-process path always
+exists and needs no flag.
+"""
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
 import torch.distributed as torch_dist
+
+from progvae.errors import UserError
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def setup(timeout_seconds: float) -> None:
+    """Join the process group torchrun describes; a no-op in a single process.
+
+    `timeout_seconds` bounds the rendezvous and every collective, so a dead peer ends the run
+    with an error instead of hanging it."""
+    if not launched_by_torchrun() or is_distributed():
+        return
+    timeout = datetime.timedelta(seconds=timeout_seconds)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    try:
+        torch_dist.init_process_group(backend, timeout=timeout)
+    except (RuntimeError, TimeoutError, ValueError) as error:
+        raise UserError(f"Could not join the torchrun process group within {timeout_seconds:g} s "
+                        f"({str(error).splitlines()[0]}); check that every node was started.")
+
+
+def cleanup() -> None:
+    if is_distributed():
+        torch_dist.destroy_process_group()
 
 
 def is_distributed() -> bool:
@@ -14,6 +52,10 @@ def is_distributed() -> bool:
 
 def rank() -> int:
     return torch_dist.get_rank() if is_distributed() else 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
 
 
 def world_size() -> int:
@@ -43,5 +85,8 @@ def mean_across_ranks(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        values = values.clone()
+        torch_dist.all_reduce(values, op=torch_dist.ReduceOp.SUM)
+    return values

@@ -2,7 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
+
+# (rank, world size) while a training step runs under torchrun; see `global_batch_noise`.
+_NOISE_SHARD: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
+    "noise_shard", default=None)
+
+
+@contextlib.contextmanager
+def global_batch_noise(rank: int, world_size: int):
+    """Within this block, every reparameterisation draws the noise of the *global* batch (all
+    ranks' local batches stacked in rank order) from the shared RNG stream and keeps this rank's
+    slice. Every rank holds the same RNG state, so a run's trajectory does not depend on how
+    its global batch is split over processes: N processes with batch B follow one process with
+    batch N*B (up to float rounding). Costs N times the (cheap) noise generation."""
+    token = _NOISE_SHARD.set((rank, world_size))
+    try:
+        yield
+    finally:
+        _NOISE_SHARD.reset(token)
+
+
+def standard_normal_like(t: torch.Tensor) -> torch.Tensor:
+    shard = _NOISE_SHARD.get()
+    if shard is None or shard[1] == 1:
+        return torch.randn_like(t)
+    rank, world_size = shard
+    batch = t.shape[0]
+    noise = torch.randn((batch * world_size, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    return noise[rank * batch:(rank + 1) * batch]
 
 
 def gaussian_kl(q_mean: torch.Tensor, q_logstd: torch.Tensor,
@@ -21,7 +52,7 @@ def gaussian_sample(mean: torch.Tensor, logstd: torch.Tensor,
     """Reparameterised sample mean + temperature * std * eps; temperature 0 gives the mean."""
     if temperature == 0:
         return mean
-    return mean + temperature * torch.exp(logstd) * torch.randn_like(mean)
+    return mean + temperature * torch.exp(logstd) * standard_normal_like(mean)
 
 
 def precision_weighted_merge(encoder_mean: torch.Tensor, encoder_logstd: torch.Tensor,

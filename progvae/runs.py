@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from progvae import dist
 from progvae.checkpoint import load_checkpoint, load_run_config, write_json
 from progvae.config import ARCHITECTURE_FIELDS, Config
 from progvae.data import ImageData, load_data, to_model_input
@@ -29,6 +30,7 @@ def prepare_run(config: Config, out: str | Path, stage: str,
     fails before the first write."""
     if not out:
         raise UserError("Pass --out=DIR, the run directory to write (or to continue).")
+    dist.setup(config.dist_timeout)
     if config.num_threads > 0:
         torch.set_num_threads(config.num_threads)
     data = load_data(config.data, config.image_size, seed=config.seed, resize=config.resize)
@@ -42,8 +44,11 @@ def prepare_run(config: Config, out: str | Path, stage: str,
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out='{out}' is a file; pass a directory.")
     _check_continuation(out_dir, config, stage)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json({"stage": stage, **config.to_dict()}, out_dir / "config.json")
+    if dist.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json({"stage": stage, **config.to_dict()}, out_dir / "config.json")
+    dist.barrier()
+    # The same seed on every rank: identical initial weights and one shared noise stream.
     torch.manual_seed(config.seed)
     return config, data, out_dir
 

@@ -9,6 +9,7 @@ torchrun, where every rank makes the same decisions (see progvae.dist).
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import json
 import math
@@ -21,12 +22,14 @@ from typing import Protocol
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from progvae import dist
 from progvae.checkpoint import CHECKPOINT, atomic_save, load_checkpoint
 from progvae.config import Config
 from progvae.data import BatchSampler, ImageData, to_model_input
+from progvae.distributions import global_batch_noise
 
 SKIP_WINDOW = 100        # recent updates inspected by the stall warning
 SKIP_WARN_FRACTION = 0.5
@@ -50,8 +53,23 @@ class Objective(Protocol):
 
 def default_device() -> torch.device:
     if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cuda", dist.local_rank() if dist.is_distributed() else
+                            torch.cuda.current_device())
     return torch.device("cpu")
+
+
+class LossModule(nn.Module):
+    """The model and its objective as one module, so DistributedDataParallel sees the whole
+    loss computation in its forward and synchronises gradients on backward. The objective is a
+    plain attribute: anything it holds (a frozen stage one) is not trained or synchronised."""
+
+    def __init__(self, model: nn.Module, objective: Objective):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.objective(self.model, images)
 
 
 class Trainer:
@@ -66,6 +84,12 @@ class Trainer:
         self.device = default_device()
         self.model = model.to(self.device)
         self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.loss_module: nn.Module = LossModule(self.model, objective)
+        if dist.is_distributed():
+            # Broadcasts rank 0's parameters, then averages gradients during backward.
+            self.loss_module = DistributedDataParallel(
+                self.loss_module,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(
             self.parameters, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
@@ -134,8 +158,10 @@ class Trainer:
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
         # Lines the interrupted process logged after its last checkpoint are replayed now.
-        for name in ("metrics.jsonl", "heldout.jsonl"):
-            _truncate_log(self.out_dir / name, self.step)
+        if dist.is_main():
+            for name in ("metrics.jsonl", "heldout.jsonl"):
+                _truncate_log(self.out_dir / name, self.step)
+        dist.barrier()
         dist.print0(f"Resuming {self.stage} from step {self.step} of {self.config.steps} "
                     f"({path}).")
         return True
@@ -148,23 +174,39 @@ class Trainer:
         return self.config.lr
 
     def train_step(self) -> dict[str, float]:
+        """One update: `accumulate` micro-batches per rank, gradients averaged over ranks by
+        DDP, metrics averaged over micro-batches and ranks, then one decision, the same on
+        every rank, to apply or skip the update."""
         config = self.config
-        indices = self.sampler.next_indices()
-        images = to_model_input(self.train_images[indices]).to(self.device, non_blocking=True)
         lr = self.learning_rate()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        metrics = self.objective(self.model, images)
         self.optimizer.zero_grad(set_to_none=True)
-        metrics["loss"].backward()
+        totals: dict[str, torch.Tensor] = {}
+        with global_batch_noise(dist.rank(), dist.world_size()):
+            for micro_step in range(config.accumulate):
+                indices = self.sampler.next_indices()
+                images = to_model_input(self.train_images[indices]).to(self.device,
+                                                                        non_blocking=True)
+                last = micro_step == config.accumulate - 1
+                # Gradients are all-reduced once, on the last micro-step only.
+                sync = contextlib.nullcontext() if last or not dist.is_distributed() \
+                    else self.loss_module.no_sync()
+                with sync:
+                    metrics = self.loss_module(images)
+                    (metrics["loss"] / config.accumulate).backward()
+                for name, value in metrics.items():
+                    totals[name] = totals.get(name, 0.0) + value.detach().float() / config.accumulate
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, config.grad_clip)
-        values = {name: float(value.detach()) for name, value in metrics.items()}
+        names = list(totals)
+        reduced = dist.mean_across_ranks(torch.stack([totals[name] for name in names]))
+        values = dict(zip(names, reduced.tolist()))
+        # Gradients are identical on every rank after DDP, so is their norm; the loss is the
+        # rank mean, non-finite if any rank's is. Every rank therefore decides the same.
         values["grad_norm"] = float(grad_norm)
-        # Every rank must agree whether to skip: decide on the mean of the local verdicts.
-        local_skip = (not math.isfinite(values["loss"]) or not math.isfinite(values["grad_norm"])
-                      or (config.skip_threshold > 0 and values["grad_norm"] > config.skip_threshold))
-        skip = bool(dist.mean_across_ranks(torch.tensor(float(local_skip))).item() > 0)
+        skip = (not math.isfinite(values["loss"]) or not math.isfinite(values["grad_norm"])
+                or (config.skip_threshold > 0 and values["grad_norm"] > config.skip_threshold))
         if skip:
             self.skipped += 1
         else:
@@ -188,21 +230,34 @@ class Trainer:
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
         """Mean metrics over the whole held-out split (EMA weights unless `model` is given).
 
-        Runs under a forked RNG with a fixed seed, so evaluating never changes the training
-        trajectory and the same weights always give the same numbers."""
+        Each rank takes a contiguous shard; sums and counts are added over ranks, so every
+        held-out image counts exactly once. Runs under a forked RNG with a fixed seed, so
+        evaluating never changes the training trajectory."""
         model = self.ema_model if model is None else model
         model.eval()
-        test = torch.from_numpy(self.data.test)
-        totals: dict[str, float] = collections.defaultdict(float)
+        shard = np.array_split(np.arange(len(self.data.test)), dist.world_size())[dist.rank()]
+        test = torch.from_numpy(self.data.test[shard])
+        names: list[str] = []
+        totals: torch.Tensor | None = None
         devices = [self.device.index] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.config.seed + 1)
+            torch.manual_seed(self.config.seed + 1 + dist.rank())
             for start in range(0, len(test), self.config.eval_batch_size):
                 batch = test[start:start + self.config.eval_batch_size]
-                images = to_model_input(batch).to(self.device)
-                for name, value in self.objective(model, images).items():
-                    totals[name] += float(value) * len(batch)
-        return {name: total / len(test) for name, total in totals.items()}
+                metrics = self.objective(model, to_model_input(batch).to(self.device))
+                names = list(metrics)
+                sums = torch.stack([metrics[name].detach().float() for name in names]) * len(batch)
+                totals = sums if totals is None else totals + sums
+        if totals is None:   # more ranks than held-out images: this rank contributes nothing
+            names = self._metric_names(model)
+            totals = torch.zeros(len(names), device=self.device)
+        count = dist.sum_across_ranks(torch.tensor(float(len(test)), device=self.device))
+        totals = dist.sum_across_ranks(totals) / count
+        return dict(zip(names, totals.tolist()))
+
+    def _metric_names(self, model: nn.Module) -> list[str]:
+        one = to_model_input(torch.from_numpy(self.data.test[:1])).to(self.device)
+        return list(self.objective(model, one))
 
     def run_facts(self) -> dict:
         """What every summary.json reports about the training itself."""

@@ -3,6 +3,7 @@ target (paper 003 §5 and A.3, A.5; paper 002 §3 and B.2)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -10,7 +11,8 @@ import torch
 from progvae import dist
 from progvae.checkpoint import write_json
 from progvae.config import Config
-from progvae.controllers import build_controller
+from progvae.controllers import (build_controller, check_same_controller, constraint_summary,
+                                  constraint_warning)
 from progvae.data import ImageData, to_uint8_images
 from progvae.images import save_grid
 from progvae.runs import build_model, heldout_batch, prepare_run, psnr, seeded, write_comparison
@@ -47,6 +49,7 @@ class Stage1Objective:
 def train_stage1(config: Config, out: str | Path, quiet: bool = False) -> dict:
     """Train (or continue) a stage-one run in `out`; returns the held-out summary."""
     controller = build_controller(config)          # fails on a bad target before any write
+    check_same_controller(out, config)
     config, data, out_dir = prepare_run(config, out, "stage1")
     model = build_model(config, "stage1")
     trainer = Trainer(model, Stage1Objective(controller), config, data, out_dir, "stage1", quiet)
@@ -62,15 +65,19 @@ def train_stage1(config: Config, out: str | Path, quiet: bool = False) -> dict:
         "distortion": heldout["distortion"],
         "psnr": psnr(heldout["distortion"]),
         "multiplier": controller.multiplier,
-        "target": config.distortion_target,
-        "relative_error": heldout["distortion"] / config.distortion_target - 1.0,
-        "multiplier_at_bound": controller.at_bound(),
+        # controller, constrained, target, relative_error, multiplier_at_bound,
+        # saturated_fraction, constraint_met
+        **constraint_summary(controller, heldout["rate"], heldout["distortion"],
+                             config.constraint_tolerance),
         "train_seconds": round(trainer.elapsed, 2),
         "steps_per_second": round(trainer.step / max(trainer.elapsed, 1e-9), 3),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     if dist.is_main():
         write_json(summary, out_dir / "summary.json")
+        warning = constraint_warning(summary)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
         write_stage1_images(trainer.ema_model, data, out_dir, config.n_grid, config.seed)
     dist.barrier()
     return summary

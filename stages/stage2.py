@@ -107,6 +107,7 @@ def load_finished_stage1(run: str | Path, device: torch.device) -> tuple[Config,
 def train_stage2(config: Config, stage1_run: str | Path, out: str | Path,
                  quiet: bool = False) -> dict:
     """Train (or continue) stage two on a frozen, finished stage-one run."""
+    dist.setup(config.dist_timeout)
     device = default_device()
     stage1_config, stage1 = load_finished_stage1(stage1_run, device)
 

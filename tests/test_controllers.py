@@ -1,0 +1,292 @@
+"""The constraint controllers (progvae/controllers.py): each moves its weight on the constrained
+term the right way, keeps its bounds, resumes exactly, and reports a missed target."""
+
+import dataclasses
+import io
+import json
+import math
+
+import pytest
+import torch
+
+from progvae.config import Config, load_config
+from progvae.controllers import (CONTROLLERS, DCOController, GECOController,
+                                 LagrangianController, build_controller, constraint_summary,
+                                 constraint_warning)
+from progvae.errors import UserError
+from progvae.stages.stage1 import train_stage1
+
+TARGET = 0.01            # distortion target of the unit tests
+RATE_TARGET = 0.1        # rate target of `rate`
+TARGETED = ["lagrangian", "geco", "dco", "rate"]   # the controllers that move their multiplier
+
+
+def make(name: str, **fields) -> object:
+    values = {"controller": name, "distortion_target": TARGET, "rate_target": RATE_TARGET,
+              "multiplier_lr": 1e-2, "geco_lr": 10.0, "dco_lr": 5e-2, **fields}
+    return build_controller(dataclasses.replace(Config(), **values))
+
+
+def weights(controller, rate: float = 0.2, distortion: float = TARGET) -> tuple[float, float]:
+    """(d loss / d R, d loss / d D) at the given batch values: what the model is pushed by."""
+    rate = torch.tensor(rate, requires_grad=True)
+    distortion = torch.tensor(distortion, requires_grad=True)
+    controller.loss(rate, distortion).backward()
+    return rate.grad.item(), distortion.grad.item()
+
+
+def weight_on_constrained(controller) -> float:
+    """The weight on the constrained term relative to the other: D/R, or R/D for `rate`."""
+    on_rate, on_distortion = weights(controller)
+    return on_rate / on_distortion if controller.name == "rate" else on_distortion / on_rate
+
+
+def drive(controller, factor: float, steps: int) -> None:
+    """`steps` updates with the constrained quantity at `factor` times its target."""
+    for _ in range(steps):
+        if controller.name == "rate":
+            controller.update(rate=factor * RATE_TARGET, distortion=0.05)
+        else:
+            controller.update(rate=0.2, distortion=factor * TARGET)
+
+
+@pytest.mark.parametrize("name", TARGETED)
+def test_the_weight_on_the_constrained_term_falls_below_the_target_and_rises_above(name):
+    controller = make(name)
+    start = weight_on_constrained(controller)
+    drive(controller, factor=0.5, steps=300)       # target met: relax
+    relaxed = weight_on_constrained(controller)
+    assert relaxed < start / 2
+    drive(controller, factor=2.0, steps=300)       # target missed: push harder
+    assert weight_on_constrained(controller) > 2 * relaxed
+
+
+@pytest.mark.parametrize("name", TARGETED)
+def test_an_unreachable_target_saturates_the_multiplier_at_its_bound(name):
+    controller = make(name)
+    drive(controller, factor=0.5, steps=100)
+    drive(controller, factor=100.0, steps=2000)
+    limit = {"lagrangian": 0.9999, "rate": 0.9999, "geco": 1e4, "dco": 1e3}[name]
+    assert controller.multiplier == pytest.approx(limit)
+    assert controller.at_bound() and controller.saturated()
+    assert controller.saturated_fraction > 0.9
+
+
+@pytest.mark.parametrize("name", ["lagrangian", "geco", "rate"])
+def test_an_easy_target_stops_the_multiplier_at_its_lower_bound(name):
+    controller = make(name)
+    drive(controller, factor=0.0, steps=5000)
+    assert controller.multiplier == pytest.approx(1e-4)
+    assert controller.at_bound() and not controller.saturated()
+
+
+def test_dco_starts_at_its_clip_and_has_no_lower_bound():
+    controller = make("dco")
+    assert controller.multiplier == pytest.approx(1e3) and controller.saturated()
+    drive(controller, factor=0.0, steps=3000)
+    assert 0 < controller.multiplier < 1e-3 and not controller.at_bound()
+
+
+@pytest.mark.parametrize("name", sorted(CONTROLLERS))
+def test_state_round_trips(name):
+    first = make(name)
+    drive(first, factor=3.0, steps=20)
+    drive(first, factor=0.5, steps=7)
+    saved = io.BytesIO()
+    torch.save(first.state_dict(), saved)                     # as the checkpoint stores it
+    saved.seek(0)
+    second = make(name)
+    second.load_state_dict(torch.load(saved, weights_only=False))
+    for controller in (first, second):
+        drive(controller, factor=0.3, steps=10)
+        drive(controller, factor=1.7, steps=10)
+    assert first.multiplier == second.multiplier
+    assert (first.updates, first.saturated_updates) == (second.updates, second.saturated_updates)
+    assert weights(first) == weights(second)
+
+
+def _tensor_to_list(value):
+    return value.tolist()
+
+
+def test_a_checkpoint_of_another_controller_is_refused():
+    with pytest.raises(UserError, match="'lagrangian' controller.*--controller=lagrangian"):
+        make("geco").load_state_dict(make("lagrangian").state_dict())
+
+
+@pytest.mark.parametrize("name", ["hinge", "beta"])
+def test_hinge_and_beta_never_change_their_weight(name):
+    controller = make(name, hinge_weight=0.5, beta=0.3)
+    before = (controller.multiplier, weights(controller, distortion=2 * TARGET),
+              weights(controller, distortion=TARGET / 2))
+    for factor in (100.0, 0.0, 1.0, 3.0):
+        drive(controller, factor=factor, steps=50)
+    after = (controller.multiplier, weights(controller, distortion=2 * TARGET),
+             weights(controller, distortion=TARGET / 2))
+    assert before == after
+    assert controller.saturated_fraction == 0 and not controller.at_bound()
+
+
+def test_hinge_pushes_on_distortion_only_above_its_target():
+    controller = make("hinge", hinge_weight=0.5)
+    on_rate, on_distortion = weights(controller, distortion=TARGET / 2)
+    assert on_rate > 0 and on_distortion == 0
+    on_rate, on_distortion = weights(controller, distortion=2 * TARGET)
+    assert on_distortion / on_rate == pytest.approx(0.5 / TARGET)       # eq. 4: lam / c
+
+
+def test_beta_weights_rate_by_beta():
+    on_rate, on_distortion = weights(make("beta", beta=0.3))
+    assert on_rate / on_distortion == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("name", sorted(CONTROLLERS))
+def test_the_loss_sends_no_gradient_into_the_multiplier_and_changes_no_state(name):
+    controller = make(name)
+    drive(controller, factor=2.0, steps=5)
+    state = json.dumps(controller.state_dict(), default=_tensor_to_list)
+    weights(controller)
+    weights(controller)
+    assert json.dumps(controller.state_dict(), default=_tensor_to_list) == state
+    for value in vars(controller).values():
+        if isinstance(value, torch.Tensor):
+            assert value.grad is None
+
+
+def test_lagrangian_loss_is_the_convex_combination_of_paper_003_eq_10():
+    controller = LagrangianController(target=0.01, init=0.75)
+    rate = torch.tensor(2.0, requires_grad=True)
+    distortion = torch.tensor(0.5, requires_grad=True)
+    loss = controller.loss(rate, distortion)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.25 * 2.0 + 0.75 * 0.5)
+    assert rate.grad.item() == pytest.approx(0.25) and distortion.grad.item() == pytest.approx(0.75)
+    assert controller.lam.grad is None
+
+
+def test_rate_controller_swaps_the_roles_of_rate_and_distortion():
+    controller = make("rate", multiplier_init=0.75)
+    assert weights(controller) == pytest.approx((0.75, 0.25))
+    controller.update(rate=2 * RATE_TARGET, distortion=0.0)     # over the rate target
+    assert controller.multiplier > 0.75 or controller.saturated()
+
+
+def test_geco_follows_algorithm_1():
+    """Moving average of C = D - target started at the first batch, log lam moved by it, and
+    the stop-gradient construction: the loss *value* uses C_ma, its *gradient* this batch."""
+    controller = GECOController(target=0.01, lr=2.0, ema=0.9)
+    assert controller.multiplier == 1.0                       # Algorithm 1 starts at lam = 1
+    controller.update(rate=0.3, distortion=0.05)               # C_hat = 0.04 = C_ma
+    assert controller.constraint_average == pytest.approx(0.04)
+    assert math.log(controller.multiplier) == pytest.approx(2.0 * 0.04)   # above: lam grows
+    lam = controller.multiplier
+
+    rate = torch.tensor(0.3, requires_grad=True)
+    distortion = torch.tensor(0.002, requires_grad=True)      # C_hat = -0.008
+    loss = controller.loss(rate, distortion)
+    loss.backward()
+    average = 0.9 * 0.04 + 0.1 * -0.008                        # C_ma^t, includes this batch
+    assert loss.item() == pytest.approx((0.3 + lam * average) / (1 + lam))
+    assert distortion.grad.item() == pytest.approx(lam / (1 + lam))   # d C^t / d D = 1
+    assert rate.grad.item() == pytest.approx(1 / (1 + lam))
+
+    controller.update(rate=0.3, distortion=0.002)
+    assert controller.constraint_average == pytest.approx(average)
+    assert math.log(controller.multiplier) == pytest.approx(2.0 * (0.04 + average))
+    for _ in range(100):
+        controller.update(rate=0.3, distortion=0.002)          # below the target: lam shrinks
+    assert controller.multiplier < 1.0
+
+
+def test_dco_is_momentum_sgd_on_log_lam_along_the_normalised_constraint():
+    controller = DCOController(target=0.01, lr=0.1, momentum=0.9)
+    start = math.log(1e3)
+    assert controller.multiplier == pytest.approx(1e3)        # starts at the clip
+    controller.update(rate=0.3, distortion=0.02)               # D / c - 1 = +1: clipped
+    assert controller.multiplier == pytest.approx(1e3)
+
+    controller = DCOController(target=0.01, lr=0.1, momentum=0.9)
+    # D / c - 1 = -0.5: torch's buffer starts at that value, undampened ...
+    controller.update(rate=0.3, distortion=0.005)
+    assert math.log(controller.multiplier) == pytest.approx(start - 0.1 * 0.5)
+    controller.update(rate=0.3, distortion=0.005)              # ... then 0.9 b + 0.1 g
+    assert math.log(controller.multiplier) == pytest.approx(start - 0.1 * (0.5 + 0.5))
+    controller.update(rate=0.3, distortion=0.02)               # above, but momentum still falls
+    assert math.log(controller.multiplier) == pytest.approx(start - 0.1 * (1.0 + 0.35))
+    on_rate, on_distortion = weights(controller)
+    assert on_distortion / on_rate == pytest.approx(controller.multiplier / 0.01)   # eq. 3
+
+
+def test_build_controller_names_the_missing_flag():
+    with pytest.raises(UserError, match="Unknown controller 'gecko'.*geco"):
+        build_controller(Config(controller="gecko", distortion_target=0.1))
+    for name in ("lagrangian", "geco", "dco", "hinge"):
+        with pytest.raises(UserError, match="distortion target.*--distortion_target"):
+            build_controller(Config(controller=name))
+        with pytest.raises(UserError, match="distortion target"):
+            build_controller(Config(controller=name, distortion_target=-0.5))
+    with pytest.raises(UserError, match="rate target.*--rate_target"):
+        build_controller(Config(controller="rate", distortion_target=0.01))
+    assert build_controller(Config(controller="rate", rate_target=0.2)).target == 0.2
+    assert build_controller(Config(controller="beta")).multiplier == 1.0   # no target needed
+
+
+def test_constraint_summary_and_warning():
+    controller = make("lagrangian")
+    drive(controller, factor=0.5, steps=50)                   # leaves the top bound at once
+    summary = constraint_summary(controller, rate=0.2, distortion=1.04 * TARGET, tolerance=0.05)
+    assert summary["constraint_met"] is True and summary["saturated_fraction"] == 0
+    assert summary["relative_error"] == pytest.approx(0.04)
+    missed = constraint_summary(controller, rate=0.2, distortion=1.06 * TARGET, tolerance=0.05)
+    assert missed["constraint_met"] is False
+    warning = constraint_warning({**missed, "rate": 0.2, "distortion": 1.06 * TARGET,
+                                  "multiplier": controller.multiplier})
+    assert "distortion target 0.01 MSE/dim" in warning and "0.0106" in warning
+
+    saturated = make("lagrangian")
+    drive(saturated, factor=0.5, steps=10)
+    drive(saturated, factor=10.0, steps=100)                  # at its bound for most updates
+    summary = constraint_summary(saturated, rate=0.2, distortion=TARGET, tolerance=0.05)
+    assert summary["constraint_met"] is False and summary["multiplier_at_bound"]
+    assert constraint_summary(make("beta"), 0.2, 0.3, 0.05)["constraint_met"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# behaviour on digits
+TINY = {"width": 8, "zdim": 4, "enc_blocks": "16d2,8d2,4d4,1x1",
+        "dec_blocks": "1x1,4m1,8m4,16m8", "log_every": 10, "checkpoint_every": 0, "n_grid": 4,
+        "num_threads": 1}
+
+
+@pytest.mark.parametrize("name", ["lagrangian", "geco", "dco"])
+def test_an_unreachable_target_ends_unmet_at_the_bound_with_a_warning(name, tmp_path, capsys):
+    config = load_config("digits", {**TINY, "controller": name, "distortion_target": 1e-6,
+                                    "steps": 80})
+    summary = train_stage1(config, tmp_path / name, quiet=True)
+    assert summary["constraint_met"] is False
+    assert summary["multiplier_at_bound"] and summary["saturated_fraction"] > 0.5
+    written = json.loads((tmp_path / name / "summary.json").read_text())
+    assert written["constraint_met"] is False
+    warning = capsys.readouterr().err
+    assert "distortion target 1e-06 MSE/dim was not met" in warning
+    assert f"{summary['distortion']:.5g}" in warning
+
+
+def test_continuing_a_run_with_another_controller_is_refused_before_any_write(tmp_path):
+    out = tmp_path / "run"
+    config = load_config("digits", {**TINY, "distortion_target": 0.05, "steps": 2})
+    train_stage1(config, out, quiet=True)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    with pytest.raises(UserError, match="--controller=lagrangian"):
+        train_stage1(dataclasses.replace(config, controller="dco"), out, quiet=True)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lagrangian", "geco", "dco"])
+def test_a_reachable_target_is_met_within_five_percent_on_digits(name, tmp_path):
+    """The digits preset (1200 steps, about 2 minutes on 2 cores) at the demo's target."""
+    config = load_config("digits", {"controller": name, "distortion_target": 0.02})
+    summary = train_stage1(config, tmp_path / name, quiet=True)
+    assert abs(summary["relative_error"]) <= 0.05, summary
+    assert summary["constraint_met"] is True

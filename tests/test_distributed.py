@@ -1,0 +1,94 @@
+"""DDP on CPU (gloo, 2 processes under torchrun): equivalence, logging, elastic restart, timeout."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+COMMON = ["--config=digits", "--distortion_target=0.02", "--num_threads=1", "--quiet=True",
+          "--n_grid=4", "--multiplier_init=0.5", "--multiplier_lr=0.01", "--log_every=2"]
+
+
+def torchrun(*args: str, nproc: int = 2, extra: tuple[str, ...] = ()) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            "--master_port", str(free_port()), *extra, "-m", "progvae", *args]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def checkpoint(out: Path) -> dict:
+    return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_two_processes_with_batch_b_match_one_process_with_batch_2b(tmp_path, accumulate):
+    """Also with gradient accumulation, where DDP skips the all-reduce (no_sync) on all but the
+    last micro-step."""
+    steps = ["--steps=8", "--checkpoint_every=0", f"--accumulate={accumulate}"]
+    single = subprocess.run([sys.executable, "-m", "progvae", "stage1", *COMMON, *steps,
+                             "--batch_size=16", f"--out={tmp_path / 'one'}"],
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    double = subprocess.run(torchrun("stage1", *COMMON, *steps, "--batch_size=8",
+                                     f"--out={tmp_path / 'two'}"),
+                            capture_output=True, text=True, timeout=300)
+    assert double.returncode == 0, double.stderr
+    one, two = checkpoint(tmp_path / "one"), checkpoint(tmp_path / "two")
+    worst = max((one["model"][k] - two["model"][k]).abs().max().item() for k in one["model"])
+    assert worst < 1e-5, f"parameters differ by {worst}"
+    worst_ema = max((one["ema"][k] - two["ema"][k]).abs().max().item() for k in one["ema"])
+    assert worst_ema < 1e-5
+    lam_one = one["objective"]["controller"]["lam"]
+    lam_two = two["objective"]["controller"]["lam"]
+    assert lam_one != 0.5 and lam_one == pytest.approx(lam_two, abs=1e-6)
+    # rank 0 alone logs: each step once, in order
+    steps_logged = [json.loads(line)["step"]
+                    for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert steps_logged == [2, 4, 6, 8]
+    assert double.stdout.count("Stage one, held-out split") == 1
+
+
+def test_a_killed_worker_is_restarted_and_the_run_finishes(tmp_path):
+    out = tmp_path / "elastic"
+    process = subprocess.Popen(
+        torchrun("stage1", *COMMON, "--steps=40", "--checkpoint_every=5", "--batch_size=8",
+                 f"--out={out}", extra=("--max-restarts=1",)),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while not (out / "checkpoint.pt").exists():
+        assert process.poll() is None and time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
+                             text=True).stdout.split()
+    assert workers, "torchrun has no worker processes"
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    output, _ = process.communicate(timeout=400)
+    assert process.returncode == 0, output
+    assert "Resuming stage1 from step" in output
+    assert checkpoint(out)["step"] == 40
+    steps_logged = [json.loads(line)["step"]
+                    for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps_logged == list(range(2, 41, 2))
+
+
+def test_a_missing_peer_ends_the_run_at_its_timeout_instead_of_hanging(tmp_path):
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    started = time.time()
+    result = subprocess.run([sys.executable, "-m", "progvae", "stage1", *COMMON, "--steps=2",
+                             "--dist_timeout=5", f"--out={tmp_path / 'alone'}"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert time.time() - started < 90
+    assert "Traceback" not in result.stderr and "process group" in result.stderr

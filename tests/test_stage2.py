@@ -1,0 +1,165 @@
+"""Stage two, the pipeline and the joint baseline, on a very small digits model."""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from progvae.config import load_config
+from progvae.pipeline import Pipeline, composite_terms
+from progvae.runs import build_model, load_model, prepare_run
+from progvae.stages.joint import train_joint
+from progvae.stages.stage1 import train_stage1
+from progvae.stages.stage2 import CompositeObjective, train_stage2
+from progvae.trainer import Trainer
+
+SMALL = {"width": 8, "zdim": 4, "n_mixtures": 3, "enc_blocks": "16d2,8d2,4d4,1x1",
+         "dec_blocks": "1x1,4m1,8m4,16m8", "log_every": 1, "checkpoint_every": 0, "n_grid": 4,
+         "steps": 3, "batch_size": 8}
+
+
+def small_config(**extra):
+    return load_config("digits", {**SMALL, **extra})
+
+
+@pytest.fixture(scope="module")
+def stage1_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("s1") / "stage1"
+    train_stage1(small_config(), out, quiet=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def stage2_run(stage1_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("s2") / "stage2"
+    train_stage2(small_config(), stage1_run, out, quiet=True)
+    return out
+
+
+def test_conditional_model_shapes():
+    config = small_config(image_channels=1)
+    model = build_model(config, "stage2")
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    out = model(x, condition_image=x)
+    assert out["output"].shape == (2, model.head.proj.out_channels, 16, 16)
+    assert out["rate"].shape == (2,)
+    assert model.encoder.in_conv.in_channels == 2          # sees [x, x_tilde]
+    assert model.condition_encoder.in_conv.in_channels == 1  # sees x_tilde alone
+
+
+def test_joint_has_exactly_the_two_stage_parameters():
+    config = small_config(image_channels=1)
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert count(build_model(config, "joint")) == \
+        count(build_model(config, "stage1")) + count(build_model(config, "stage2"))
+
+
+def test_composite_elbo_is_the_sum_of_its_parts():
+    config = small_config(image_channels=1)
+    torch.manual_seed(0)
+    stage1, stage2 = build_model(config, "stage1"), build_model(config, "stage2")
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    torch.manual_seed(1)
+    terms = composite_terms(stage1, stage2, x)
+    torch.manual_seed(1)   # the same latent draws, computed part by part
+    first = stage1(x)
+    x_tilde = stage1.head.mean(first["output"])
+    second = stage2(x, condition_image=x_tilde)
+    nll = stage2.head.reconstruction_loss(second["output"], x)
+    assert torch.allclose(terms["elbo"], -(nll + first["rate"] + second["rate"]))
+    dims = 16 * 16
+    assert torch.allclose(first["rate"], torch.stack(first["kl"], 1).sum(1) / dims)
+
+
+def test_stage_one_is_bit_identical_after_stage_two_steps(stage1_run, tmp_path):
+    _, stage1, _ = load_model(stage1_run)
+    before = copy.deepcopy(stage1.state_dict())
+    config, data, out = prepare_run(small_config(steps=4), tmp_path / "s2", "stage2")
+    model = build_model(config, "stage2")
+    trainer = Trainer(model, CompositeObjective(stage1), config, data, out, "stage2", quiet=True)
+    trainer.fit()
+    optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not any(id(p) in optimised for p in stage1.parameters())
+    assert not stage1.training
+    for name, value in stage1.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert trainer.skipped < 4
+
+
+def test_stage2_run_and_pipeline(stage2_run):
+    pipeline = Pipeline.from_runs(stage2_run)
+    assert isinstance(pipeline, Pipeline)
+    torch.manual_seed(3)
+    first = pipeline.sample(4)
+    torch.manual_seed(3)
+    again = pipeline.sample(4)
+    assert torch.equal(first, again)                               # reproducible under a seed
+    assert first.shape == (4, 1, 16, 16) and first.min() >= -1 and first.max() <= 1
+    levels = (first + 1) * 127.5
+    assert torch.allclose(levels, levels.round(), atol=1e-4)     # on the 256-level grid
+    x = first
+    x_tilde, final = pipeline.progressive(x)
+    assert x_tilde.shape == final.shape == x.shape
+    assert pipeline.elbo(x).shape == (4,) and bool((pipeline.elbo(x) < 0).all())
+    for name in ("summary.json", "samples.png", "reconstructions.png", "checkpoint.pt"):
+        assert (stage2_run / name).is_file()
+
+
+def test_joint_trains_and_samples(tmp_path):
+    summary = train_joint(small_config(), tmp_path / "joint", quiet=True)
+    assert summary["elbo"] < 0 and summary["steps"] == 3
+    pipeline = Pipeline.from_runs(tmp_path / "joint")
+    assert pipeline.sample(2).shape == (2, 1, 16, 16)
+
+
+def progvae(*args):
+    return subprocess.run([sys.executable, "-m", "progvae", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_sample_command_on_a_stage_two_run_with_npz(stage2_run, tmp_path):
+    import numpy as np
+
+    result = progvae("sample", f"--run={stage2_run}", "--n=6", f"--out={tmp_path / 'g.png'}",
+                     f"--npz={tmp_path / 's.npz'}", "--seed=1")
+    assert result.returncode == 0, result.stderr
+    images = np.load(tmp_path / "s.npz")["samples"]
+    assert images.shape == (6, 16, 16, 1) and images.dtype == np.uint8
+
+
+def _error_line(result):
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    return result.stderr.strip()
+
+
+def test_stage2_bad_input(stage1_run, tmp_path):
+    # a stage-one run whose images differ from the data
+    message = _error_line(progvae("stage2", f"--stage1={stage1_run}", "--data=patches",
+                                  "--image_size=16", f"--out={tmp_path / 'a'}"))
+    assert "channel" in message and not (tmp_path / "a").exists()
+    # a stage-one directory whose training has not finished
+    unfinished = tmp_path / "unfinished"
+    train_stage1(small_config(steps=2), unfinished, quiet=True)
+    config_path = unfinished / "config.json"
+    config_path.write_text(config_path.read_text().replace('"steps": 2', '"steps": 50'))
+    assert "finish it first" in _error_line(
+        progvae("stage2", f"--stage1={unfinished}", f"--out={tmp_path / 'b'}"))
+    # a directory without a checkpoint
+    (tmp_path / "empty").mkdir()
+    assert "checkpoint" in _error_line(
+        progvae("stage2", f"--stage1={tmp_path / 'empty'}", f"--out={tmp_path / 'c'}"))
+
+
+def test_sample_on_a_run_of_unknown_kind(stage1_run, tmp_path):
+    import shutil
+
+    strange = tmp_path / "strange"
+    shutil.copytree(stage1_run, strange)
+    state = torch.load(strange / "checkpoint.pt", weights_only=False)
+    state["stage"] = "mystery"
+    torch.save(state, strange / "checkpoint.pt")
+    assert "unknown kind" in _error_line(
+        progvae("sample", f"--run={strange}", f"--out={tmp_path / 'x.png'}"))

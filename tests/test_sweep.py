@@ -1,0 +1,78 @@
+"""`python -m progvae sweep`: one run per target, the R-D report and figures, finished targets
+skipped, unfinished ones continued, bad input refused in one sentence."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v3 as iio
+import pytest
+
+from progvae.errors import UserError
+from progvae.evaluation.sweep import parse_targets
+
+# A tiny model and a few steps: the sweep's bookkeeping is under test, not the R-D curve.
+QUICK = ["--config=digits", "--width=8", "--zdim=4", "--enc_blocks=16d2,8d2,4d4,1x1",
+         "--dec_blocks=1x1,4m1,8m4,16m8", "--log_every=5", "--checkpoint_every=0",
+         "--n_grid=4", "--num_threads=1"]
+
+
+def sweep(out: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "progvae", "sweep", *QUICK, f"--out={out}",
+                           *args], capture_output=True, text=True, timeout=600)
+
+
+def test_targets_as_fire_hands_them_over():
+    assert parse_targets(0.05) == [0.05]
+    assert parse_targets((0.0256, 0.0512)) == [0.0512, 0.0256]     # loosest first
+    assert parse_targets("0.01, 0.02,0.01") == [0.02, 0.01]
+    for bad in (None, "", (), "0.1,abc", (0.1, -0.2), 0):
+        with pytest.raises(UserError):
+            parse_targets(bad)
+
+
+def test_a_sweep_writes_its_report_skips_finished_targets_and_continues_unfinished_ones(tmp_path):
+    out = tmp_path / "sweep"
+    first = sweep(out, "--targets=0.08,0.04", "--steps=10", "--controller=dco")
+    assert first.returncode == 0, first.stderr
+    report = json.loads((out / "rd.json").read_text())
+    assert report["controller"] == "dco" and report["target_field"] == "distortion_target"
+    assert [run["target"] for run in report["runs"]] == [0.08, 0.04]
+    for run in report["runs"]:
+        assert {"distortion", "psnr", "rate", "multiplier", "constraint_met",
+                "steps_to_target"} <= set(run)
+        summary = json.loads((out / run["run"] / "summary.json").read_text())
+        assert summary["target"] == run["target"] and summary["controller"] == "dco"
+    for name in ("rd.png", "multipliers.png"):
+        assert iio.imread(out / name).ndim == 3
+    # an originals row and a row per target, each image enlarged to at least 64 pixels
+    assert iio.imread(out / "reconstructions.png").shape[0] >= 3 * 64
+    assert "0.08" in first.stdout and "0.04" in first.stdout
+
+    finished = (out / "target_0.08" / "summary.json").stat().st_mtime_ns
+    # 0.08 is finished; 0.04 is asked for more steps (as a killed run would be, it continues
+    # from its checkpoint); 0.02 is new.
+    (out / "target_0.04" / "summary.json").unlink()
+    second = sweep(out, "--targets=0.02,0.04,0.08", "--steps=10", "--controller=dco")
+    assert second.returncode == 0, second.stderr
+    assert "distortion_target=0.08: finished" in second.stdout
+    assert "Resuming stage1 from step 10" in second.stdout
+    assert (out / "target_0.08" / "summary.json").stat().st_mtime_ns == finished
+    report = json.loads((out / "rd.json").read_text())
+    assert [run["target"] for run in report["runs"]] == [0.08, 0.04, 0.02]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--targets=0.05", "--controller=gecko"], "Unknown controller 'gecko'"),
+    (["--controller=geco"], "--targets"),
+    (["--targets=0.05,-1"], "positive"),
+    (["--targets=0.05", "--data=folder:/nonexistent"], "nonexistent"),
+])
+def test_bad_sweeps_fail_in_one_sentence_before_writing(tmp_path, args, needle):
+    result = sweep(tmp_path / "sweep", *args)
+    assert result.returncode == 2, result.stderr
+    message = result.stderr.strip()
+    assert message.startswith("progvae: error:") and "\n" not in message, message
+    assert needle in message
+    assert not (tmp_path / "sweep").exists()
