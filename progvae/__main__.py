@@ -172,6 +172,158 @@ def sweep(config: str = "tiny", out: str = "", targets=None, quiet: bool = True,
           f"(figures in {result['figures_seconds']:.1f} s).")
 
 
+def data(data: str = "", image_size: int = 0, out: str = "preview.png", n: int = 64,
+         resize: bool = False, svhn_extra: bool = False, cache_dir: str = "", data_workers: int = 0,
+         verify: bool = False) -> None:
+    """Inspect a dataset: counts, shapes, split sizes, pixel range and where its cache lives,
+    and write a preview grid of n training images. The first thing to run on a new dataset: for
+    folder:, svhn:, celeba: and lsun: it builds the preprocessing cache (once).
+
+    Example: python -m progvae data --data=celeba:/data/celeba --out=celeba.png
+    --image_size defaults to the dataset's own (64 for celeba and lsun, 32 for svhn);
+    --verify=True checksums every byte of the cache.
+    """
+    from progvae.cache import verify_cache
+    from progvae.data import describe, evenly_spaced, load_data, natural_image_size
+    from progvae.images import save_grid
+
+    if not data:
+        raise UserError("Pass --data=SPEC, e.g. --data=svhn:/data/svhn; see progvae/data.py for the specs.")
+    if not str(out).lower().endswith(".png"):
+        raise UserError(f"--out must name a .png file, got '{out}'.")
+    dataset = load_data(data, image_size or natural_image_size(data), resize=resize,
+                        svhn_extra=svhn_extra, cache_dir=cache_dir, workers=data_workers)
+    print("\n".join(describe(dataset)))
+    if verify and dataset.cache is not None:
+        problems = verify_cache(dataset.cache)
+        if problems:
+            raise UserError(f"The cache at {dataset.cache.directory} is corrupt ({'; '.join(problems)}); "
+                            "run the command again to rebuild it.")
+        print("  verified: every byte of the cache matches its checksum")
+    shown = dataset.train[evenly_spaced(len(dataset.train), max(1, n))]
+    save_grid(shown, out)
+    print(f"Wrote {len(shown)} training images to {out}.")
+
+
+def evaluate(run: str = "", data: str = "", metrics=None, split: str = "test",
+             n_samples: int = 10_000, iw_samples: int = 0, batch_size: int = 64,
+             inception_weights: str = "", lpips_weights: str = "", temperature: float = 1.0,
+             seed: int = 0, num_threads: int = 0) -> None:
+    """Score a trained run (stage1, stage2, joint or vdvae) and write RUN/eval.json.
+
+    Example: python -m progvae evaluate --run=runs/s2 --metrics=elbo,mse,fid,lpips
+             --inception_weights=weights-inception-2015-12-05-6726825d.pth
+             --lpips_weights=alexnet-owt-7be5be79.pth
+    --metrics from elbo, mse, fid, fid_digits, lpips (default: elbo,mse,fid,lpips; on
+    --data=digits elbo,mse,fid_digits). ELBO/bits-per-dim and MSE cover the whole --split
+    (test or train) exactly; --iw_samples=K adds the K-sample importance-weighted bound. FID
+    compares --n_samples samples at --temperature with the whole split (Inception-v3 through
+    torch-fidelity; reference statistics cached). fid_digits uses a small digit classifier's
+    features instead and is not comparable with FID. LPIPS (AlexNet) compares held-out images
+    with their reconstructions. --data defaults to the run's own data. Offline, pass the
+    weights files named above; without them FID and LPIPS stop with a message.
+    """
+    import torch
+
+    from progvae.evaluation.evaluate import evaluate_run, format_table
+
+    if not run:
+        raise UserError("Pass --run=RUN, the directory of a trained run.")
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+    result = evaluate_run(run, data, metrics, split, n_samples, iw_samples, batch_size,
+                          inception_weights, lpips_weights, temperature, seed)
+    print(format_table(result))
+    print(f"Wrote {Path(run) / 'eval.json'} ({result['seconds']:.0f} s).")
+
+
+def vdvae(config: str = "tiny", out: str = "", quiet: bool = False, **overrides) -> None:
+    """Train the original VDVAE by the ELBO with its DMoL head (the conventional HVAE of paper
+    003 §4; the run `progressive` analyses).
+
+    Example: python -m progvae vdvae --config=digits --out=runs/vdvae --steps=1200
+    Any config field can be overridden as --field=value. Re-running on the same --out resumes.
+    """
+    from progvae.config import load_config
+    from progvae.stages.vdvae import train_vdvae
+
+    summary = train_vdvae(load_config(config, overrides), out, quiet=quiet)
+    if _is_main():
+        print(f"\nvdvae, held-out split after {summary['steps']} steps ({summary['skipped']} "
+              f"skipped):\n  ELBO {summary['elbo']:.4f} nats/dim = {summary['bpd']:.4f} bits/dim "
+              f"(rate {summary['rate']:.4f}, nll {summary['nll']:.4f})\n  MSE of the DMoL mean "
+              f"{summary['mse']:.5f} (PSNR {summary['psnr']:.2f} dB)\n  "
+              f"{summary['steps_per_second']:.1f} steps/s; wrote {out}/summary.json, "
+              "reconstructions.png, samples.png")
+
+
+def progressive(run: str = "", out: str = "", data: str = "", max_resolution: int = 0,
+                steps: int = 0, quiet: bool = False, **overrides) -> None:
+    """The (R_K, D_K) progressive-coding experiment of paper 003 §4.1 on a plain VDVAE run.
+
+    Example: python -m progvae progressive --run=runs/vdvae --out=runs/progressive --steps=600
+    K = the latent groups at resolution <= --max_resolution (default image size / 8). R_K is
+    their held-out KL; D_K the held-out MSE of a new decoder trained --steps on z_1:K (the
+    VDVAE frozen); then the inference path and that decoder are trained --steps more with the
+    rate target R_K (controller `rate`), giving R'_K and an upper bound on lambda*. --steps
+    defaults to half the VDVAE's steps (the paper: 400K after 800K). Other --field=value
+    overrides apply to both training runs (e.g. --lr, --multiplier_init, --num_threads).
+    Writes OUT/table.md, table.json, reconstructions.png; re-running resumes.
+    """
+    from progvae.evaluation.progressive import run_progressive
+
+    if not run:
+        raise UserError("Pass --run=RUN, the directory of a finished vdvae run.")
+    table = run_progressive(run, out, data, max_resolution, steps, quiet, overrides)
+    if _is_main():
+        print((Path(out) / "table.md").read_text())
+        print(f"Wrote {out}/table.md, table.json, reconstructions.png ({table['seconds']:.0f} s).")
+
+
+def report(runs=None, out: str = "", sweep: str = "", lpips_weights: str = "") -> None:
+    """One Markdown page comparing runs side by side: OUT/report.md.
+
+    Example: python -m progvae report --runs=runs/demo/stage2,runs/joint,runs/progressive
+             --out=runs/report
+    Shows ELBO/bits-per-dim, FID or fid_digits, LPIPS, rate and distortion of every run (from
+    eval.json where `evaluate` has run, else summary.json), the conventional-vs-two-stage table
+    when a joint and a stage2 run are both given, Table 1 of progressive experiments, and each
+    run's image grids. --sweep=DIR adds LPIPS against MSE across a sweep's stage-one runs
+    (needs --lpips_weights offline).
+    """
+    from progvae.evaluation.report import write_report
+
+    if isinstance(runs, str):
+        runs = [part for part in runs.split(",") if part]
+    path = write_report([str(run) for run in (runs or [])], out, sweep, lpips_weights)
+    print(f"Wrote {path}.")
+
+
+def bench(config: str = "tiny", model: str = "stage1", batch: int | None = None,
+          precision: str = "auto", compile: bool | str = "auto", device: str = "",
+          steps: int = 20, warmup: int = 5, out: str = "bench.json", **overrides) -> None:
+    """Measure the training step (images/s, memory, FLOPs and fraction of peak), sampling and
+    the data path on synthetic images of the preset's shape; prints and writes bench.json.
+
+    Example: python -m progvae bench --config=svhn --model=stage1 --precision=bf16 --compile
+    (--device=cpu|cuda only checks that the step runs where you expect; CUDA is used when
+    visible). Any config field can be overridden, e.g. --checkpoint_activations=True.
+    """
+    from progvae.config import load_config
+    from progvae.evaluation.bench import format_result, run_bench, write_result
+
+    overrides.update(precision=precision, compile=compile)
+    if batch is not None:
+        overrides["batch_size"] = batch
+    settings = load_config(config, overrides)
+    if settings.data == "digits":
+        settings = dataclasses.replace(settings, image_channels=1)
+    result = run_bench(settings, model=model, steps=steps, warmup=warmup, device=device)
+    print(format_result(result))
+    write_result({"config": config, **result}, out)
+    print(f"Wrote {out}.")
+
+
 def _stage2_config(stage1_run: str, preset: str, overrides: dict):
     """Stage two's config: a preset if given, else the stage-one run's own config.json."""
     from progvae.checkpoint import load_run_config
@@ -219,8 +371,9 @@ def _is_main() -> bool:
     return dist.is_main()
 
 
-COMMANDS = {"stage1": stage1, "stage2": stage2, "joint": joint, "sample": sample, "demo": demo,
-            "sweep": sweep}
+COMMANDS = {"bench": bench, "stage1": stage1, "stage2": stage2, "joint": joint, "sample": sample, "demo": demo,
+            "sweep": sweep, "data": data,
+            "evaluate": evaluate, "vdvae": vdvae, "progressive": progressive, "report": report}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -103,17 +103,21 @@ def _short(value: Any) -> str:
     return {True: "yes", False: "no"}.get(value, str(value)) if isinstance(value, bool) else str(value)
 
 
-def fingerprint_files(files: list[Path], root: Path) -> dict[str, Any]:
+def fingerprint_files(files: list[str] | list[Path], root: Path) -> dict[str, Any]:
     """A fingerprint of the files a source is read from: their count, total size, and a SHA-256
     of every (path relative to `root`, size, mtime in ns). Touching or replacing any file, or
     adding or removing one, changes it; reading none of their contents keeps it cheap."""
-    digest = hashlib.sha256()
-    total = 0
-    for file in files:
-        stat = file.stat()
+    prefix = os.path.join(str(root), "")
+    lines, total = [], 0
+    for file in map(str, files):
+        try:
+            stat = os.stat(file)
+        except OSError as error:
+            raise UserError(f"Cannot read {file} ({error.strerror}); fix or remove it.") from None
         total += stat.st_size
-        digest.update(f"{file.relative_to(root)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
-    return {"files": len(files), "bytes": total, "sha256": digest.hexdigest()}
+        lines.append(f"{file.removeprefix(prefix)}\t{stat.st_size}\t{stat.st_mtime_ns}")
+    digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    return {"files": len(lines), "bytes": total, "sha256": digest}
 
 
 def load_cached(recipe: Recipe, cache_dir: str | Path = "") -> tuple[dict[str, np.ndarray], CacheEntry]:
@@ -171,31 +175,35 @@ def _open_entry(directory: Path, recipe: Recipe):
         return None, None, "no cache yet"
     except (OSError, ValueError):
         return None, None, "has an unreadable manifest"
-    if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
+    try:
+        return _check_entry(directory, recipe, manifest)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        return None, None, f"is corrupt ({type(error).__name__}: {error})"
+
+
+def _check_entry(directory: Path, recipe: Recipe, manifest: dict):
+    if manifest.get("format") != CACHE_FORMAT:
         return None, None, "was written by another version of progvae's cache"
-    preprocessing = manifest.get("preprocessing", {})
+    preprocessing = manifest["preprocessing"]
     if preprocessing != {"version": recipe.version, "description": recipe.preprocessing}:
         return None, None, (f"was written by an older preprocessing (version {preprocessing.get('version')}, "
                             f"now {recipe.version}: {recipe.preprocessing})")
-    if manifest.get("source_fingerprint") != recipe.fingerprint:
+    if manifest["source_fingerprint"] != recipe.fingerprint:
         return None, None, f"is out of date: {recipe.source} changed since it was built"
     arrays, refreshed = {}, False
-    try:
-        for split, record in manifest["arrays"].items():
-            path = directory / record["file"]
-            array = _open_array(path, record)
-            stat = path.stat()
-            if stat.st_size != record["file_bytes"]:
-                return None, None, f"is corrupt: {record['file']} has the wrong size"
-            if _spot_checksum(array) != record["spot_sha256"]:
+    for split, record in manifest["arrays"].items():
+        path = directory / record["file"]
+        array = _open_array(path, record)
+        stat = path.stat()
+        if stat.st_size != record["file_bytes"]:
+            return None, None, f"is corrupt: {record['file']} has the wrong size"
+        if _spot_checksum(array) != record["spot_sha256"]:
+            return None, None, f"is corrupt: {record['file']} fails its checksum"
+        if stat.st_mtime_ns != record["mtime_ns"]:  # written to, or copied: check it all
+            if _checksum(array) != record["sha256"]:
                 return None, None, f"is corrupt: {record['file']} fails its checksum"
-            if stat.st_mtime_ns != record["mtime_ns"]:  # written to, or copied: check it all
-                if _checksum(array) != record["sha256"]:
-                    return None, None, f"is corrupt: {record['file']} fails its checksum"
-                record["mtime_ns"], refreshed = stat.st_mtime_ns, True
-            arrays[split] = np.asarray(array)  # a plain ndarray view of the memory map
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        return None, None, f"is corrupt: {error}"
+            record["mtime_ns"], refreshed = stat.st_mtime_ns, True
+        arrays[split] = np.asarray(array)  # a plain ndarray view of the memory map
     if not {"train", "test"} <= set(arrays):
         return None, None, "is corrupt: it lacks the train or test split"
     if refreshed:  # remember the new mtimes, so the next load needs only the quick checks

@@ -24,6 +24,10 @@ class Config:
     image_size: int = 32            # square images; the data must match (or pass --resize)
     image_channels: int = 3         # filled in from the data when a run starts
     resize: bool = False            # folder: data only: resize every image to image_size
+    svhn_extra: bool = False        # svhn: data only: also train on extra_32x32.mat (531,131 images)
+    cache_dir: str = ""             # where decoded datasets are cached ("": $PROGVAE_CACHE, else
+                                    #   $XDG_CACHE_HOME/progvae or ~/.cache/progvae)
+    data_workers: int = 0           # processes decoding images while a cache is built (0: one per core)
 
     # --- VDVAE architecture (Child 2020; paper 003 A.1) ---------------------------------------
     enc_blocks: str = "32x11,32d2,16x6,16d2,8x6,8d2,4x3,4d4,1x3"   # bottom-up encoder
@@ -84,6 +88,12 @@ class Config:
     num_threads: int = 0            # torch CPU threads (0: torch's default)
     dist_timeout: float = 1800.0    # seconds a rank waits for its peers before the run fails
 
+    # --- speed (progvae/performance.py); "auto" = on for CUDA, off for CPU -------------------
+    precision: str = "auto"         # auto | fp32 | bf16 (autocast; KL and likelihood stay fp32)
+    channels_last: str = "auto"     # auto | true | false: NHWC memory format for convolutions
+    compile: str = "auto"           # auto | true | false: torch.compile the loss computation
+    checkpoint_activations: bool = False  # recompute each block's activations in backward
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -140,6 +150,8 @@ def _coerce(name: str, kind: type, value: Any, source: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     elif kind is str:
+        if isinstance(value, bool):  # fire turns --flag=True (or a bare --flag) into a bool
+            return str(value).lower()
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):

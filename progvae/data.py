@@ -8,15 +8,19 @@ A dataset is named by a spec string (the `--data` flag):
 | `patches`     | crops of scikit-learn's two bundled photographs (china, flower); 3 channels |
 | `folder:PATH` | PNG/JPEG/BMP files under PATH (split 90/10, or PATH/train and PATH/test)    |
 | `npz:PATH`    | a .npz holding uint8 arrays under the keys `train` and `test`               |
+| `svhn:DIR`    | SVHN's train_32x32.mat / test_32x32.mat (+ extra_32x32.mat)                 |
+| `celeba:DIR`  | CelebA's img_align_celeba/ and list_eval_partition.txt, as CelebA-64        |
+| `lsun:DIR`    | an LSUN LMDB (e.g. bedroom_train_lmdb) or a folder of exported images       |
 
 Every split is fixed: the held-out images never change with the training seed, so runs with
-different seeds are evaluated on the same images. Nothing is cached on disk.
+different seeds are evaluated on the same images. `folder:`, `svhn:`, `celeba:` and `lsun:` are
+decoded once into a cache of memory-mapped uint8 arrays (progvae/datasets.py reads them,
+progvae/cache.py keeps them); the built-in datasets and `npz:` are read directly.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,26 +29,36 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from progvae.cache import CacheEntry, load_cached
+from progvae.datasets import SPLIT_SEED, celeba_recipe, folder_recipe, list_images, lsun_recipe, svhn_recipe
 from progvae.errors import UserError
 
-VALID_SPECS = "digits, patches, folder:PATH, npz:PATH"
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp"}
-SPLIT_SEED = 1234  # fixes the train/test permutation of `digits` and `folder:` datasets
+VALID_SPECS = "digits, patches, folder:PATH, npz:PATH, svhn:DIR, celeba:DIR, lsun:DIR"
+PATH_HINTS = {  # what each on-disk spec's path names, for the message when it is left out
+    "folder": "a folder of images",
+    "npz": "a .npz file with train and test arrays",
+    "svhn": "the folder holding train_32x32.mat and test_32x32.mat",
+    "celeba": "the folder holding img_align_celeba/ and list_eval_partition.txt",
+    "lsun": "an LSUN LMDB folder (e.g. bedroom_train_lmdb) or a folder of exported images",
+}
+NATURAL_SIZES = {"digits": 32, "patches": 32, "svhn": 32, "celeba": 64, "lsun": 64}
 PATCHES_SEED = 4321  # fixes the crop positions and flips of `patches`
 DIGITS_TEST_SIZE = 297  # 1797 digits = 1500 train + 297 test
 PATCHES_PER_IMAGE_TRAIN = 3000
 PATCHES_PER_IMAGE_TEST = 300
 PATCHES_TRAIN_FRACTION = 0.8  # train crops come from the left 80% of each photo's width
-FOLDER_TEST_FRACTION = 0.1
 
 
 @dataclass
 class ImageData:
-    """A dataset held in memory: uint8 images in (N, H, W, C) layout, C in {1, 3}."""
+    """A dataset: uint8 images in (N, H, W, C) layout, C in {1, 3}, in memory or memory-mapped
+    from the cache (plain ndarrays either way: index them, or wrap them with torch.from_numpy)."""
 
     train: np.ndarray  # (N, H, W, C) uint8
     test: np.ndarray  # (M, H, W, C) uint8, the held-out split, never empty
     name: str  # the resolved spec, e.g. "digits" or "folder:/abs/path"
+    valid: np.ndarray | None = None  # a validation split, where the dataset defines one (CelebA)
+    cache: CacheEntry | None = None  # where a cached dataset lives and whether it was rebuilt
 
     @property
     def image_size(self) -> int:
@@ -57,28 +71,77 @@ class ImageData:
         return int(self.train.shape[3])
 
 
-def load_data(spec: str, image_size: int, seed: int = 0, resize: bool = False) -> ImageData:
+def load_data(spec: str, image_size: int, seed: int = 0, resize: bool = False, *,
+              svhn_extra: bool = False, cache_dir: str | Path = "", workers: int = 0) -> ImageData:
     """Load the dataset named by `spec` at `image_size`×`image_size` pixels.
 
     `seed` is accepted so callers can pass their run seed, but no split depends on it (see the
     module docstring). `resize=True` lets a `folder:` dataset whose images are not
-    `image_size`×`image_size` be resized (bilinear, antialiased). Raises `UserError` with one
-    sentence naming the problem and the fix for any bad input.
+    `image_size`×`image_size` be resized (bilinear, antialiased). `svhn_extra=True` adds SVHN's
+    extra_32x32.mat to its training split. `cache_dir` overrides where cached datasets live
+    (see progvae.cache.cache_root) and `workers` how many processes decode images while a cache
+    is built (0: one per core). Raises `UserError` with one sentence naming the problem and the
+    fix for any bad input.
     """
     del seed  # every split is fixed on purpose
     if not isinstance(image_size, (int, np.integer)) or isinstance(image_size, bool) or image_size < 1:
         raise UserError(f"image_size must be a positive integer, got {image_size!r}; pass e.g. --image_size=32.")
+    image_size = int(image_size)
     if spec == "digits":
         return _load_digits(image_size)
     if spec == "patches":
         return _load_patches(image_size)
     prefix, _, path_text = spec.partition(":")
-    if prefix in ("folder", "npz"):
-        path = _existing_path(path_text, prefix)
-        if prefix == "folder":
-            return _load_folder(path, image_size, resize)
+    if prefix not in PATH_HINTS:
+        raise UserError(f"Unknown dataset {spec!r}; pass --data as one of {VALID_SPECS}.")
+    path = _existing_path(path_text, prefix)
+    if prefix == "npz":
         return _load_npz(path, image_size)
-    raise UserError(f"Unknown dataset {spec!r}; pass --data as one of {VALID_SPECS}.")
+    if prefix != "folder" and not path.is_dir():
+        raise UserError(f"The data path {path} is not a folder; pass {PATH_HINTS[prefix]} as --data={prefix}:DIR.")
+    if prefix == "svhn":
+        recipe = svhn_recipe(path, image_size, svhn_extra)
+    elif prefix == "celeba":
+        recipe = celeba_recipe(path, image_size, workers)
+    elif prefix == "lsun":
+        recipe = lsun_recipe(path, image_size, workers)
+    else:
+        recipe = folder_recipe(path, image_size, resize, workers)
+    arrays, entry = load_cached(recipe, cache_dir)
+    return ImageData(train=arrays["train"], test=arrays["test"], valid=arrays.get("valid"),
+                     name=f"{prefix}:{path}", cache=entry)
+
+
+def natural_image_size(spec: str) -> int:
+    """The image size a dataset comes at, for commands where the user need not know it: 64 for
+    CelebA-64 and LSUN-64, 32 for SVHN and the built-in sets, the stored size for `npz:`, and
+    the first image's size for a `folder:` of square images."""
+    prefix, _, path_text = spec.partition(":")
+    if prefix in NATURAL_SIZES:
+        return NATURAL_SIZES[prefix]
+    if prefix not in PATH_HINTS:
+        raise UserError(f"Unknown dataset {spec!r}; pass --data as one of {VALID_SPECS}.")
+    path = _existing_path(path_text, prefix)
+    if prefix == "npz":
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                shape = archive["train"].shape if "train" in archive.files else ()
+        except (OSError, ValueError, zipfile.BadZipFile):
+            shape = ()
+        return int(shape[1]) if len(shape) >= 3 else 32  # load_data names any problem
+    files = list_images(path / "train" if (path / "train").is_dir() else path) if path.is_dir() else []
+    if not files:
+        return 32  # load_data names the problem
+    from PIL import Image
+
+    try:
+        with Image.open(files[0]) as image:
+            width, height = image.size
+    except Exception:
+        return 32  # load_data names the unreadable file
+    if width != height:
+        raise UserError(f"{files[0]} is {width}x{height}, not square; pass --image_size=N --resize=True.")
+    return width
 
 
 def to_model_input(batch_uint8: torch.Tensor) -> torch.Tensor:
@@ -216,105 +279,11 @@ def _load_patches(image_size: int) -> ImageData:
 
 def _existing_path(path_text: str, prefix: str) -> Path:
     if not path_text:
-        raise UserError(f"--data={prefix}: needs a path; pass --data={prefix}:/path/to/data.")
+        raise UserError(f"--data={prefix} needs a path; pass --data={prefix}:PATH with {PATH_HINTS[prefix]}.")
     path = Path(path_text).expanduser().resolve()
     if not path.exists():
         raise UserError(f"The data path {path} does not exist; check the path given in --data={prefix}:PATH.")
     return path
-
-
-def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-
-
-def _load_folder(folder: Path, image_size: int, resize: bool) -> ImageData:
-    if not folder.is_dir():
-        raise UserError(f"The data path {folder} is not a folder; pass a folder of images as --data=folder:PATH.")
-    if (folder / "train").is_dir() and (folder / "test").is_dir():
-        split_files = [_list_images(folder / "train"), _list_images(folder / "test")]
-        for subfolder, files in zip(("train", "test"), split_files):
-            if not files:
-                raise UserError(f"The folder {folder / subfolder} holds no PNG, JPEG or BMP images; add some.")
-        images = _read_images(split_files[0] + split_files[1], image_size, resize)
-        train, test = images[: len(split_files[0])], images[len(split_files[0]) :]
-    else:
-        files = _list_images(folder)
-        if len(files) < 2:
-            raise UserError(
-                f"The folder {folder} holds {len(files)} PNG, JPEG or BMP images but needs at least 2 "
-                f"(one to train on, one to test on); add images to it."
-            )
-        images = _read_images(files, image_size, resize)
-        order = np.random.default_rng(SPLIT_SEED).permutation(len(images))
-        test_count = max(1, int(len(images) * FOLDER_TEST_FRACTION))
-        train, test = images[order[:-test_count]], images[order[-test_count:]]
-    return ImageData(train=train, test=test, name=f"folder:{folder}")
-
-
-def _read_images(files: list[Path], image_size: int, resize: bool) -> np.ndarray:
-    """Read, check and stack image files into (N, S, S, C) uint8; C is 3 if any file is colour."""
-    import imageio.v3 as iio
-
-    images = []
-    for file in files:
-        try:
-            with warnings.catch_warnings():  # imageio warns while it tries fallback plugins
-                warnings.simplefilter("ignore")
-                image = np.asarray(iio.imread(file))
-        except Exception:  # imageio raises many types, with plugin-install advice that misleads here
-            raise UserError(
-                f"Could not read {file} as an image (it is corrupt or not really a PNG, JPEG or BMP); "
-                f"remove or replace the file."
-            ) from None
-        image = _as_uint8_hwc(image, file)
-        if resize:
-            image = _resize(image, image_size)
-        elif image.shape[:2] != (image_size, image_size):
-            if images:
-                raise UserError(
-                    f"Images differ in size: {files[0]} is {_size_text(images[0])} but {file} is "
-                    f"{_size_text(image)}; make them one size or pass --resize=True."
-                )
-            suggestion = f"--image_size={image.shape[0]} or " if image.shape[0] == image.shape[1] else ""
-            raise UserError(
-                f"{file} is {_size_text(image)} but the config expects {image_size}x{image_size}; "
-                f"pass {suggestion}--resize=True."
-            )
-        images.append(image)
-    if len({image.shape[2] for image in images}) > 1:  # mixed grayscale and colour: all colour
-        images = [np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image for image in images]
-    return np.stack(images)
-
-
-def _as_uint8_hwc(image: np.ndarray, file: Path) -> np.ndarray:
-    """Any decoded image → (H, W, C) uint8 with C in {1, 3}: alpha dropped, 16-bit scaled down."""
-    if image.ndim == 2:
-        image = image[:, :, None]
-    if image.ndim != 3 or image.shape[2] not in (1, 2, 3, 4):
-        raise UserError(f"{file} has an unsupported pixel layout {image.shape}; save it as grayscale or RGB.")
-    image = image[:, :, :1] if image.shape[2] == 2 else image[:, :, :3]  # drop alpha
-    if image.dtype == np.uint16:
-        image = (image.astype(np.float32) / 257.0).round().astype(np.uint8)
-    elif image.dtype == np.bool_:
-        image = image.astype(np.uint8) * 255
-    elif image.dtype != np.uint8:
-        raise UserError(f"{file} has {image.dtype} pixels; save it with 8-bit channels.")
-    return image
-
-
-def _resize(image: np.ndarray, image_size: int) -> np.ndarray:
-    """(H, W, C) uint8 → (S, S, C) uint8, bilinear with antialiasing (aspect ratio not kept)."""
-    if image.shape[:2] == (image_size, image_size):
-        return image
-    pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-    pixels = F.interpolate(
-        pixels, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False
-    )
-    return pixels[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-
-
-def _size_text(image: np.ndarray) -> str:
-    return f"{image.shape[1]}x{image.shape[0]}"  # width x height
 
 
 def _load_npz(path: Path, image_size: int) -> ImageData:
@@ -355,3 +324,37 @@ def _load_npz(path: Path, image_size: int) -> ImageData:
             f"store both with the same number of channels."
         )
     return ImageData(train=splits[0], test=splits[1], name=f"npz:{path}")
+
+
+# ---------------------------------------------------------------- inspecting a dataset
+
+
+def describe(data: ImageData, sample: int = 10_000) -> list[str]:
+    """Lines telling what a dataset holds: per split its count, shape, dtype and pixel range
+    (over up to `sample` evenly spaced images, so a memory-mapped split is not read whole), and
+    where its cache lives."""
+    splits = {"train": data.train, "valid": data.valid, "test": data.test}
+    lines = [data.name, f"  {'split':<6} {'images':>10}  {'image shape':<13} {'dtype':<6} {'pixel range':<12} mean"]
+    for split, images in splits.items():
+        if images is None:
+            continue
+        picked = images[evenly_spaced(len(images), sample)]
+        note = "" if len(picked) == len(images) else f"  (of {len(picked):,} evenly spaced images)"
+        lines.append(f"  {split:<6} {len(images):>10,}  {str(tuple(images.shape[1:])):<13} {str(images.dtype):<6} "
+                     f"{f'{picked.min()}..{picked.max()}':<12} {picked.mean():.1f}{note}")
+    lines.append("  held-out split: test" + (" (valid is also held out; training uses train only)"
+                                             if data.valid is not None else ""))
+    if data.cache is None:
+        lines.append("  cache: none (read directly)")
+    else:
+        manifest = data.cache.manifest
+        lines.append(f"  cache: {data.cache.directory} ({data.cache.status}; {data.cache.size_bytes / 1e6:,.1f} MB; "
+                     f"built {manifest['built_at']} in {manifest['build_seconds']:.1f} s)")
+        lines.append(f"  preprocessing (version {manifest['preprocessing']['version']}): "
+                     f"{manifest['preprocessing']['description']}")
+    return lines
+
+
+def evenly_spaced(count: int, most: int) -> np.ndarray:
+    """Up to `most` indices spread evenly over range(count), in order."""
+    return np.unique(np.linspace(0, count - 1, min(count, most)).round().astype(np.int64))

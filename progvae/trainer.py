@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from progvae import dist
+from progvae import dist, performance
 from progvae.checkpoint import CHECKPOINT, atomic_save, load_checkpoint
 from progvae.config import Config
 from progvae.data import BatchSampler, ImageData, to_model_input
@@ -82,7 +82,12 @@ class Trainer:
         self.stage = stage
         self.quiet = quiet
         self.device = default_device()
+        performance.configure_backends(self.device)
+        self.autocast_dtype = performance.autocast_dtype(config, self.device)
+        self.channels_last = performance.use_channels_last(config, self.device)
         self.model = model.to(self.device)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.loss_module: nn.Module = LossModule(self.model, objective)
         if dist.is_distributed():
@@ -90,10 +95,13 @@ class Trainer:
             self.loss_module = DistributedDataParallel(
                 self.loss_module,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        # What a training step calls: the loss module, compiled where that is switched on.
+        self.step_module = performance.compiled_or_eager(
+            self.loss_module, performance.use_compile(config, self.device))
         self.parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(
             self.parameters, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-            weight_decay=config.weight_decay)
+            weight_decay=config.weight_decay, fused=True if self.device.type == "cuda" else None)
         self.train_images = torch.from_numpy(data.train)
         self.sampler = BatchSampler(len(data.train), config.batch_size, config.seed,
                                     rank=dist.rank(), world_size=dist.world_size())
@@ -186,15 +194,14 @@ class Trainer:
         totals: dict[str, torch.Tensor] = {}
         with global_batch_noise(dist.rank(), dist.world_size()):
             for micro_step in range(config.accumulate):
-                indices = self.sampler.next_indices()
-                images = to_model_input(self.train_images[indices]).to(self.device,
-                                                                        non_blocking=True)
+                images = self.next_batch()
                 last = micro_step == config.accumulate - 1
                 # Gradients are all-reduced once, on the last micro-step only.
                 sync = contextlib.nullcontext() if last or not dist.is_distributed() \
                     else self.loss_module.no_sync()
                 with sync:
-                    metrics = self.loss_module(images)
+                    with performance.autocast(self.device, self.autocast_dtype):
+                        metrics = self.forward_loss(images)
                     (metrics["loss"] / config.accumulate).backward()
                 for name, value in metrics.items():
                     totals[name] = totals.get(name, 0.0) + value.detach().float() / config.accumulate
@@ -217,6 +224,28 @@ class Trainer:
         self.step += 1
         values["lr"] = lr
         return values
+
+    def next_batch(self) -> torch.Tensor:
+        """This rank's next batch on the device, as model input (pinned, non-blocking on CUDA)."""
+        batch = self.train_images[self.sampler.next_indices()]
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        images = to_model_input(batch.to(self.device, non_blocking=True))
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def forward_loss(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The loss computation, compiled if switched on; a compilation that fails at its first
+        call falls back to eager mode with a warning instead of ending the run."""
+        if self.step_module is self.loss_module:
+            return self.loss_module(images)
+        try:
+            return self.step_module(images)
+        except Exception as error:  # noqa: BLE001 - any compiler failure: run eagerly
+            performance.warn_compile_failed(error)
+            self.step_module = self.loss_module
+            return self.loss_module(images)
 
     @torch.no_grad()
     def update_ema(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from progvae.blocks import (Block, BlockSpec, conv, match_channels, parse_block_string,
                             parse_widths, residual_scale)
@@ -24,9 +25,10 @@ class Encoder(nn.Module):
     """Bottom-up pass: image -> {resolution: activation} (the last activation at each resolution)."""
 
     def __init__(self, in_channels: int, specs: list[BlockSpec], widths: dict[int, int],
-                 bottleneck_multiple: float):
+                 bottleneck_multiple: float, checkpointing: bool = False):
         super().__init__()
         self.widths = widths
+        self.checkpointing = checkpointing
         first = specs[0].resolution
         self.in_conv = conv(in_channels, widths[first], 3)
         scale = residual_scale(len(specs))
@@ -41,7 +43,7 @@ class Encoder(nn.Module):
         h = self.in_conv(x)                                  # (B, width, H, W)
         activations = {h.shape[-1]: h}
         for block in self.blocks:
-            h = block(h)
+            h = run_block(block, self.checkpointing, h)
             resolution = h.shape[-1]
             h = match_channels(h, self.widths[resolution])
             activations[resolution] = h
@@ -102,9 +104,11 @@ class Decoder(nn.Module):
     """Top-down pass over the decoder block string; see `forward` for the three ways to run it."""
 
     def __init__(self, specs: list[BlockSpec], widths: dict[int, int], zdim: int,
-                 bottleneck_multiple: float, image_size: int, precision_weighted: bool):
+                 bottleneck_multiple: float, image_size: int, precision_weighted: bool,
+                 checkpointing: bool = False):
         super().__init__()
         self.image_size = image_size
+        self.checkpointing = checkpointing
         self.widths = widths
         self.blocks = nn.ModuleList([
             DecoderBlock(spec, widths[spec.resolution], zdim, bottleneck_multiple, len(specs),
@@ -162,7 +166,8 @@ class Decoder(nn.Module):
                 stream = stream + match_channels(upsampled, block.width)
             activation = encoder_activations[r] if encoder_activations is not None else None
             given_latent = given[index] if index < len(given) else None
-            streams[r], latent, kl = block(stream, activation, given_latent, temperature)
+            streams[r], latent, kl = run_block(block, self.checkpointing, stream, activation,
+                                               given_latent, temperature)
             all_latents.append(latent)
             if kl is not None:
                 kls.append(kl)
@@ -201,12 +206,14 @@ class VDVAE(nn.Module):
         self.image_size = size
         self.image_channels = channels
         self.conditional = conditional
+        memory_saving = config.checkpoint_activations
         self.encoder = Encoder(2 * channels if conditional else channels, encoder_specs, widths,
-                               config.bottleneck_multiple)
+                               config.bottleneck_multiple, memory_saving)
         self.condition_encoder = (Encoder(channels, encoder_specs, widths,
-                                          config.bottleneck_multiple) if conditional else None)
+                                          config.bottleneck_multiple, memory_saving)
+                                  if conditional else None)
         self.decoder = Decoder(decoder_specs, widths, config.zdim, config.bottleneck_multiple, size,
-                               config.precision_weighted_merge)
+                               config.precision_weighted_merge, memory_saving)
         self.head = build_head(head, widths[size], channels, config.n_mixtures)
 
     @property
@@ -257,6 +264,15 @@ class VDVAE(nn.Module):
                     ) -> torch.Tensor:
         """The head's mean given z ~ q(z | x [, x_tilde])."""
         return self.head.mean(self.forward(x, condition_image)["output"])
+
+
+def run_block(block: nn.Module, checkpointing: bool, *inputs):
+    """block(*inputs); with `checkpointing` (and gradients on) its activations are not kept but
+    recomputed in backward, trading compute for memory. The RNG state is restored for the
+    recomputation, so a latent sampled inside the block is drawn identically both times."""
+    if checkpointing and torch.is_grad_enabled():
+        return checkpoint(block, *inputs, use_reentrant=False)
+    return block(*inputs)
 
 
 def build_head(kind: str, width: int, image_channels: int, n_mixtures: int) -> nn.Module:

@@ -10,6 +10,13 @@ from progvae.errors import UserError
 from progvae.images import save_grid, save_rows
 
 
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    """`folder:` data is cached: in a folder of each test's own, never the user's."""
+    monkeypatch.setenv("PROGVAE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
 def write_png(path, image):
     path.parent.mkdir(parents=True, exist_ok=True)
     iio.imwrite(path, image)
@@ -74,6 +81,20 @@ def test_folder_grayscale_split(tmp_path):
     assert data.name == f"folder:{tmp_path.resolve()}"
     again = load_data(f"folder:{tmp_path}", 16)
     np.testing.assert_array_equal(data.test, again.test)
+
+
+def test_folder_is_cached_and_rebuilt_when_it_changes(tmp_path):
+    images = random_images(10, 8, 3)
+    for index, image in enumerate(images):
+        write_png(tmp_path / "images" / f"{index}.png", image)
+    first = load_data(f"folder:{tmp_path / 'images'}", 8)
+    again = load_data(f"folder:{tmp_path / 'images'}", 8)
+    assert (first.cache.status, again.cache.status) == ("built", "reused")
+    np.testing.assert_array_equal(first.train, again.train)
+    assert sorted(map(bytes, np.concatenate([again.train, again.test]))) == sorted(map(bytes, images))
+    write_png(tmp_path / "images" / "10.png", random_images(1, 8, 3, seed=9)[0])
+    grown = load_data(f"folder:{tmp_path / 'images'}", 8)
+    assert grown.cache.status.startswith("rebuilt") and len(grown.train) + len(grown.test) == 11
 
 
 def test_folder_rgb_rgba_and_mixed_channels(tmp_path):

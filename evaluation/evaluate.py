@@ -1,0 +1,187 @@
+"""`progvae evaluate`: every metric that applies to a trained run, written to RUN/eval.json.
+
+| metric       | what                                                           | kinds            |
+| ------------ | -------------------------------------------------------------- | ---------------- |
+| `elbo`       | held-out ELBO (nats/dim), bits/dim, its parts, per-group rates | vdvae, stage2, joint (stage1: rate only) |
+| `mse`        | held-out reconstruction MSE per dimension and PSNR             | all              |
+| `fid`        | Inception FID of samples against the split (`evaluation.fid`)  | all              |
+| `fid_digits` | FID on digit-classifier features, for `--data=digits` only     | all              |
+| `lpips`      | LPIPS (AlexNet) of held-out images against reconstructions     | all              |
+
+ELBO and MSE cover the whole split exactly; FID compares `n_samples` samples with the whole
+split; LPIPS covers the whole split. Weights that cannot be found fail before any work.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from progvae.checkpoint import write_json
+from progvae.data import load_data, to_model_input, to_uint8_images
+from progvae.errors import UserError
+from progvae.evaluation.elbo import heldout_metrics
+from progvae.runs import load_model, load_pipeline, seeded
+from progvae.trainer import default_device
+
+METRICS = ("elbo", "mse", "fid", "fid_digits", "lpips")
+DEFAULT_METRICS = ("elbo", "mse", "fid", "lpips")
+DIGITS_DEFAULT_METRICS = ("elbo", "mse", "fid_digits")   # Inception means little on digits
+
+
+def parse_metrics(metrics, data_name: str) -> list[str]:
+    """--metrics as fire hands it over (a string, a tuple, or None for the defaults)."""
+    if metrics is None or metrics == "":
+        return list(DIGITS_DEFAULT_METRICS if data_name == "digits" else DEFAULT_METRICS)
+    names = metrics if isinstance(metrics, (tuple, list)) else re.split(r"[,\s]+", str(metrics))
+    names = [str(name) for name in names if str(name)]
+    unknown = [name for name in names if name not in METRICS]
+    if unknown or not names:
+        raise UserError(f"Unknown metric(s) {', '.join(unknown) or '(none)'} in --metrics; "
+                        f"choose from {', '.join(METRICS)}.")
+    if "fid_digits" in names and data_name != "digits":
+        raise UserError(f"fid_digits is defined for --data=digits only, not {data_name}; use "
+                        "fid instead.")
+    return list(dict.fromkeys(names))
+
+
+@torch.no_grad()
+def sample_images(kind: str, model, n: int, temperature: float, batch_size: int) -> np.ndarray:
+    """n samples of any kind of run as uint8 NHWC: stage-one mean samples, the plain VDVAE's
+    DMoL samples, or full pipeline samples."""
+    if kind == "vdvae":
+        draw = lambda count: model.head.sample(  # noqa: E731
+            model.decode(n=count, temperature=temperature), temperature)
+    else:   # a stage-one VDVAE's mean samples, or Pipeline.sample
+        draw = lambda count: model.sample(count, temperature)  # noqa: E731
+    batches = [to_uint8_images(draw(min(batch_size, n - start)).cpu())
+               for start in range(0, n, batch_size)]
+    return np.concatenate(batches)
+
+
+@torch.no_grad()
+def reconstructions(kind: str, model, images: np.ndarray, batch_size: int
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Reconstructions of every image (B, C, H, W) in [-1, 1], and for pipelines stage one's
+    x_tilde as well (else None)."""
+    device = next(model.parameters()).device
+    finals, firsts = [], []
+    for start in range(0, len(images), batch_size):
+        x = to_model_input(torch.from_numpy(images[start:start + batch_size])).to(device)
+        if kind in ("stage2", "joint"):
+            x_tilde, final = model.progressive(x)
+            firsts.append(x_tilde.cpu())
+        else:
+            final = model.reconstruct(x)
+        finals.append(final.cpu())
+    return torch.cat(finals), (torch.cat(firsts) if firsts else None)
+
+
+def evaluate_run(run: str | Path, data_spec: str = "", metrics=None, split: str = "test",
+                 n_samples: int = 10_000, iw_samples: int = 0, batch_size: int = 64,
+                 inception_weights: str = "", lpips_weights: str = "",
+                 temperature: float = 1.0, seed: int = 0) -> dict:
+    """Compute the metrics, merge them into RUN/eval.json and return them."""
+    if split not in ("test", "train"):
+        raise UserError(f"--split must be test or train, got '{split}'.")
+    for name, value, smallest in (("n_samples", n_samples, 1), ("iw_samples", iw_samples, 0),
+                                  ("batch_size", batch_size, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < smallest:
+            raise UserError(f"--{name} must be an integer >= {smallest}, got {value!r}.")
+    device = default_device()
+    config, model, info = load_model(run, device)
+    kind = info["stage"]
+    if kind not in ("stage1", "vdvae", "stage2", "joint"):
+        raise UserError(f"'{run}' is a {kind} run, which evaluate does not know how to score.")
+    data = load_data(data_spec or config.data, config.image_size, resize=config.resize)
+    if (data.image_size, data.channels) != (config.image_size, config.image_channels):
+        raise UserError(f"'{run}' models {config.image_size}x{config.image_size} images with "
+                        f"{config.image_channels} channel(s) but --data={data.name} does not; pass "
+                        "the data it was trained on.")
+    names = parse_metrics(metrics, data.name)
+    # Every scorer is built (and its weights found) before any long computation.
+    fid_scorers = {}
+    if "fid" in names:
+        from progvae.evaluation.fid import FidScorer
+        fid_scorers["fid"] = FidScorer("inception", inception_weights or None)
+    if "fid_digits" in names:
+        from progvae.evaluation.fid import FidScorer
+        fid_scorers["fid_digits"] = FidScorer("digits")
+    lpips_scorer = None
+    if "lpips" in names:
+        from progvae.evaluation.lpips_metric import LpipsScorer
+        lpips_scorer = LpipsScorer(lpips_weights or None, device)
+    if kind == "stage2":
+        model = load_pipeline(run, device=device)
+
+    images = data.test if split == "test" else data.train
+    started = time.perf_counter()
+    result: dict = {"run": str(run), "kind": kind, "step": info["step"], "data": data.name,
+                    "split": split, "n_images": len(images)}
+    if "elbo" in names or "mse" in names:
+        result.update(heldout_metrics(kind, model, images, batch_size, seed, iw_samples))
+    if fid_scorers:
+        with seeded(seed, device):
+            samples = sample_images(kind, model, n_samples, temperature, batch_size)
+        for metric, scorer in fid_scorers.items():
+            result[metric] = scorer(samples, images)
+        result.update({"fid_n_samples": n_samples, "fid_temperature": temperature})
+    if lpips_scorer is not None:
+        with seeded(seed, device):
+            finals, firsts = reconstructions(kind, model, images, batch_size)
+        originals = to_model_input(torch.from_numpy(images))
+        result["lpips"] = mean_lpips(lpips_scorer, originals, finals, batch_size)
+        if firsts is not None:
+            result["stage1_lpips"] = mean_lpips(lpips_scorer, originals, firsts, batch_size)
+    result["metrics"] = names
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    write_eval(Path(run), result)
+    return result
+
+
+def mean_lpips(scorer, originals: torch.Tensor, reconstructed: torch.Tensor,
+               batch_size: int) -> float:
+    """Mean LPIPS over aligned image sets (B, C, H, W) in [-1, 1]."""
+    total = 0.0
+    for start in range(0, len(originals), batch_size):
+        total += float(scorer(originals[start:start + batch_size],
+                              reconstructed[start:start + batch_size]).double().sum())
+    return total / len(originals)
+
+
+def write_eval(run_dir: Path, result: dict) -> None:
+    """Merge into eval.json when it describes the same checkpoint, data and split (so separate
+    calls for different metrics add up); otherwise replace it."""
+    path = run_dir / "eval.json"
+    merged = dict(result)
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        if all(previous.get(key) == result[key] for key in ("step", "data", "split")):
+            merged = {**previous, **result,
+                      "metrics": list(dict.fromkeys(previous.get("metrics", []) + result["metrics"]))}
+    write_json(merged, path)
+
+
+def format_table(result: dict) -> str:
+    """The printed summary: one metric a line, with its unit."""
+    rows = [("ELBO", "elbo", "nats/dim"), ("bits/dim", "bpd", ""),
+            (f"IW-ELBO (K={result.get('iw_samples')})", "iw_elbo", "nats/dim"),
+            ("IW bits/dim", "iw_bpd", ""), ("nll", "nll", "nats/dim"),
+            ("rate", "rate", "nats/dim"), ("stage-one rate", "stage1_rate", "nats/dim"),
+            ("MSE", "mse", "per dim, [-1, 1] scale"), ("PSNR", "psnr", "dB"),
+            ("stage-one MSE", "stage1_distortion", "x_tilde"),
+            (f"FID ({result.get('fid_n_samples')} samples)", "fid", "Inception-v3"),
+            (f"fid_digits ({result.get('fid_n_samples')} samples)", "fid_digits",
+             "digit-classifier features, not comparable with FID"),
+            ("LPIPS", "lpips", "AlexNet"), ("stage-one LPIPS", "stage1_lpips", "x_tilde")]
+    lines = [f"{result['kind']} run '{result['run']}' at step {result['step']}, "
+             f"{result['data']} {result['split']} split ({result['n_images']} images):"]
+    for label, key, unit in rows:
+        if result.get(key) is not None:
+            lines.append(f"  {label:<28} {result[key]:>10.5f}  {unit}")
+    return "\n".join(lines)

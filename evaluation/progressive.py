@@ -1,0 +1,260 @@
+"""Is a conventionally trained HVAE a good progressive coder? Paper 003 §4.1 and A.2, Table 1.
+
+Given a plain VDVAE trained by the ELBO (`progvae vdvae`), take its first K latent groups
+z_{1:K} (those at resolution <= R; the paper uses R = image size / 8) and measure:
+
+- R_K: the held-out KL of the first K groups, KL(q(z_{1:K} | x) || p(z_{1:K})), nats/dim.
+- D_K: the held-out MSE of a *new* decoder trained on z_{1:K} ~ q from the frozen VDVAE:
+  a fresh VDVAE decoder with a linear mean head, the remaining groups masked (set to its own
+  prior means, so the decoder is a deterministic function of z_{1:K}).
+- gamma-optimal training with the rate target gamma = R_K: the original inference path paired
+  with that masked decoder, both trained on min D subject to R <= R_K (the `rate` controller,
+  A.5). Its held-out rate is R'_K and its held-out MSE an upper bound on lambda*, the
+  gamma-optimal distortion. D_K well above it means (R_K, D_K) is not Pareto-optimal.
+
+Writes into OUT: `conventional_decoder/` and `gamma_optimal/` (ordinary resumable run
+directories), `table.json`, `table.md` (the shape of Table 1) and `reconstructions.png`
+(Fig. 1: originals, conventional and gamma-optimal reconstructions from z_{1:K}).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from progvae import dist
+from progvae.checkpoint import write_json
+from progvae.config import Config, apply_overrides
+from progvae.controllers import build_controller
+from progvae.data import ImageData, load_data, to_uint8_images
+from progvae.errors import UserError
+from progvae.evaluation.elbo import heldout_metrics
+from progvae.heads import mse_per_image
+from progvae.runs import (heldout_batch, load_model, prepare_run, seeded, write_comparison)
+from progvae.stages.stage1 import Stage1Objective
+from progvae.trainer import Trainer, default_device
+from progvae.vdvae import VDVAE
+
+N_FIGURE = 8   # held-out images in reconstructions.png
+# The gamma-optimal model starts at the conventional point, already at its rate target, so it
+# starts with equal weights on D and R rather than the paper's 0.9999 on R, which imitates KL
+# annealing for a model trained from scratch (A.5). Overridable with --multiplier_init.
+GAMMA_MULTIPLIER_INIT = 0.5
+
+
+def groups_up_to(model: VDVAE, max_resolution: int) -> int:
+    """K: how many leading latent groups (top-down order) have resolution <= max_resolution."""
+    resolutions = model.decoder.group_resolutions
+    k = 0
+    while k < len(resolutions) and resolutions[k] <= max_resolution:
+        k += 1
+    if k == 0 or k == len(resolutions):
+        raise UserError(
+            f"--max_resolution={max_resolution} selects {k} of the {len(resolutions)} latent "
+            f"groups (resolutions {sorted(set(resolutions))}); pick a resolution that keeps some "
+            "groups and leaves some out.")
+    return k
+
+
+class MaskedCoder(nn.Module):
+    """A lossy compressor on the first K latent groups of a VDVAE (paper 003 §3.1, A.2).
+
+    `inference` gives q(z_{1:K} | x) and p(z_{1:K}) (its encoder and the top of its top-down
+    path); `decoder` and `head` (a fresh VDVAE decoder and linear head) decode z_{1:K} with the
+    later groups at their prior means. `forward(x)` returns {"output": x_hat (B, C, H, W),
+    "rate": (B,) KL of the first K groups in nats per dimension, "kl", "latents"}; `head` is the
+    linear head, so stage one's rate-distortion objective trains it unchanged.
+    """
+
+    def __init__(self, inference: VDVAE, decoder_source: VDVAE, n_groups: int):
+        super().__init__()
+        self.inference = inference
+        self.decoder = decoder_source.decoder
+        self.head = decoder_source.head
+        self.n_groups = n_groups
+
+    def forward(self, x: torch.Tensor) -> dict:
+        inferred = self.inference(x)
+        latents, kl = inferred["latents"][:self.n_groups], inferred["kl"][:self.n_groups]
+        rate = torch.stack(kl, dim=1).sum(1) / self.inference.dims_per_image
+        features = self.decoder(latents=latents, temperature=0.0)["features"]
+        return {"output": self.head(features), "rate": rate, "kl": kl, "latents": latents}
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head.mean(self.forward(x)["output"])
+
+
+class DistortionObjective:
+    """D_K's decoder objective: the MSE of its reconstruction, nothing else (the inference path
+    is frozen, so the rate is only logged)."""
+
+    def __call__(self, model: MaskedCoder, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = model(images)
+        distortion = mse_per_image(out["output"], images).mean()
+        return {"loss": distortion, "distortion": distortion, "rate": out["rate"].mean()}
+
+    def after_update(self, metrics: dict[str, float]) -> None:
+        pass
+
+    def log_values(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def freeze_unused(model: MaskedCoder, images: torch.Tensor, seed: int) -> None:
+    """Stop training the parameters the objective never reaches (the VDVAE's DMoL head and
+    later groups, the new decoder's posterior blocks): one trial backward finds them, so Adam
+    holds no state for them and DistributedDataParallel sees no unused parameters."""
+    with seeded(seed, images.device):
+        out = model(images)
+        (out["rate"].sum() + out["output"].sum()).backward()
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.grad is None:
+            parameter.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+
+
+def first_groups_rate(model: VDVAE, images: np.ndarray, n_groups: int, batch_size: int,
+                      seed: int) -> tuple[float, dict]:
+    """(R_K, all held-out metrics of the VDVAE): R_K = the sum of the first K groups' mean KLs
+    per dimension over every image of `images`."""
+    metrics = heldout_metrics("vdvae", model, images, batch_size, seed)
+    return float(sum(metrics["group_rates"][:n_groups])), metrics
+
+
+def run_progressive(vdvae_run: str | Path, out: str | Path, data_spec: str = "",
+                    max_resolution: int = 0, steps: int = 0, quiet: bool = False,
+                    overrides: dict | None = None) -> dict:
+    """The whole experiment; re-running the same command continues its two training runs."""
+    if not out:
+        raise UserError("Pass --out=DIR, the folder for the experiment's runs and table.")
+    device = default_device()
+    config, vdvae, info = load_model(vdvae_run, device)
+    if info["stage"] != "vdvae":
+        raise UserError(f"--run='{vdvae_run}' is a {info['stage']} run; the progressive-coding "
+                        "experiment needs a plain VDVAE run (python -m progvae vdvae).")
+    if not info["finished"]:
+        raise UserError(f"The VDVAE run '{vdvae_run}' stopped at step {info['step']} of "
+                        f"{config.steps}; finish it first by re-running its command.")
+    # Architecture from the VDVAE run; training length and any other field from the flags.
+    config = apply_overrides(config, {"data": data_spec or config.data,
+                                      "steps": steps or max(1, config.steps // 2),
+                                      **(overrides or {})}, "the command line")
+    if config.num_threads > 0:
+        torch.set_num_threads(config.num_threads)
+    max_resolution = max_resolution or max(1, config.image_size // 8)
+    n_groups = groups_up_to(vdvae, max_resolution)
+    out = Path(out)
+
+    def check_data(data: ImageData) -> None:
+        if (data.image_size, data.channels) != (config.image_size, config.image_channels):
+            raise UserError(f"The VDVAE run '{vdvae_run}' models {config.image_size}x"
+                            f"{config.image_size} images with {config.image_channels} channel(s) "
+                            f"but --data={config.data} does not; pass the data it was trained on.")
+
+    started = time.perf_counter()
+    data = load_data(config.data, config.image_size, seed=config.seed, resize=config.resize)
+    check_data(data)
+    rate_k, conventional = first_groups_rate(vdvae, data.test, n_groups, config.eval_batch_size,
+                                             config.seed)
+    if not rate_k > 0:
+        raise UserError(f"The VDVAE's first {n_groups} latent groups carry no information "
+                        f"(R_K = {rate_k:.3g} nats/dim: posterior collapse), so there is no rate "
+                        "to target; train it longer or pick a larger --max_resolution.")
+    dist.print0(f"K = {n_groups} of {vdvae.n_groups} latent groups (resolution <= "
+                f"{max_resolution}); R_K = {rate_k:.5f} nats/dim on the held-out split.")
+
+    # D_K: a new masked decoder on z_{1:K} from the frozen VDVAE.
+    decoder_config, decoder_data, decoder_dir = prepare_run(
+        config, out / "conventional_decoder", "progressive_decoder", check_data)
+    coder = MaskedCoder(copy.deepcopy(vdvae).requires_grad_(False),
+                        VDVAE(decoder_config, head="linear"), n_groups).to(device)
+    probe = heldout_batch(decoder_data, decoder_config.batch_size, device)[1]
+    freeze_unused(coder, probe, config.seed)
+    decoder_trainer = Trainer(coder, DistortionObjective(), decoder_config, decoder_data,
+                              decoder_dir, "progressive_decoder", quiet)
+    decoder_trainer.resume()
+    decoder_trainer.fit()
+    decoder_heldout = decoder_trainer.evaluate()
+
+    # Gamma-optimal: the same inference path and masked decoder, trained jointly on
+    # min D s.t. R <= R_K.
+    gamma_overrides = {"controller": "rate", "rate_target": rate_k,
+                       "multiplier_init": (overrides or {}).get("multiplier_init",
+                                                                GAMMA_MULTIPLIER_INIT)}
+    gamma_config, gamma_data, gamma_dir = prepare_run(
+        dataclasses.replace(config, **gamma_overrides), out / "gamma_optimal",
+        "progressive_gamma", check_data)
+    controller = build_controller(gamma_config)
+    gamma = copy.deepcopy(decoder_trainer.ema_model).requires_grad_(True)
+    freeze_unused(gamma, probe, config.seed)
+    gamma_trainer = Trainer(gamma, Stage1Objective(controller), gamma_config, gamma_data,
+                            gamma_dir, "progressive_gamma", quiet)
+    gamma_trainer.resume()
+    gamma_trainer.fit()
+    gamma_heldout = gamma_trainer.evaluate()
+
+    table = {
+        "data": data.name, "vdvae_run": str(vdvae_run), "vdvae_steps": info["step"],
+        "vdvae_elbo": conventional["elbo"], "vdvae_bpd": conventional["bpd"],
+        "max_resolution": max_resolution, "K": n_groups, "n_groups": vdvae.n_groups,
+        "R_K": rate_k, "D_K": decoder_heldout["distortion"],
+        "R_prime_K": gamma_heldout["rate"], "lambda_star_upper": gamma_heldout["distortion"],
+        "D_T": conventional["mse"],
+        "gamma_multiplier": controller.multiplier,
+        "decoder_steps": decoder_trainer.step, "decoder_seconds": round(decoder_trainer.elapsed, 1),
+        "gamma_steps": gamma_trainer.step, "gamma_seconds": round(gamma_trainer.elapsed, 1),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    if dist.is_main():
+        write_json(table, out / "table.json")
+        (out / "table.md").write_text(table_markdown(table))
+        write_figure(decoder_trainer.ema_model, gamma_trainer.ema_model, data,
+                     out / "reconstructions.png", config.seed)
+    dist.barrier()
+    return table
+
+
+def table_markdown(table: dict) -> str:
+    """Table 1 of paper 003 for one dataset, with the run's facts underneath."""
+    return "\n".join([
+        f"| Dataset | R_K | D_K | R'_K | >= lambda* |",
+        f"| --- | --- | --- | --- | --- |",
+        f"| {table['data']} | {table['R_K']:.4f} | {table['D_K']:.4f} | "
+        f"{table['R_prime_K']:.4f} | **{table['lambda_star_upper']:.4f}** |",
+        "",
+        f"K = {table['K']} of {table['n_groups']} latent groups (resolution <= "
+        f"{table['max_resolution']}). Conventional: a VDVAE trained by the ELBO for "
+        f"{table['vdvae_steps']} steps (held-out ELBO {table['vdvae_elbo']:.4f} nats/dim, "
+        f"{table['vdvae_bpd']:.4f} bits/dim, full-model MSE D_T = {table['D_T']:.4f}); D_K from "
+        f"a new decoder trained {table['decoder_steps']} steps on z_1:K "
+        f"({table['decoder_seconds']:.0f} s). Gamma-optimal: rate target R_K, "
+        f"{table['gamma_steps']} steps ({table['gamma_seconds']:.0f} s). Rates in nats per "
+        "dimension, distortions in MSE per dimension on the [-1, 1] scale, all on the "
+        "held-out split.",
+        ""])
+
+
+@torch.no_grad()
+def write_figure(conventional: MaskedCoder, gamma: MaskedCoder, data: ImageData, path: Path,
+                 seed: int) -> None:
+    """Fig. 1: held-out originals, the conventional reconstructions from z_{1:K} and the
+    gamma-optimal ones, as aligned rows."""
+    device = next(conventional.parameters()).device
+    with seeded(seed, device):
+        originals, x = heldout_batch(data, N_FIGURE, device)
+        rows = [originals] + [to_uint8_images(model.reconstruct(x).cpu())
+                              for model in (conventional, gamma)]
+    write_comparison(rows, path)
