@@ -35,7 +35,13 @@ def setup(timeout_seconds: float) -> None:
     else:
         backend = "gloo"
     try:
-        torch_dist.init_process_group(backend, timeout=timeout)
+        store, rank_, size = next(torch_dist.rendezvous("env://", timeout=timeout))
+        # torchrun's static rendezvous keeps one store across restarts, so a restarted group
+        # would read the dead attempt's addresses and fail to connect; key each attempt apart.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = torch_dist.PrefixStore(f"progvae/attempt_{attempt}", store)
+        torch_dist.init_process_group(backend, store=store, rank=rank_, world_size=size,
+                                      timeout=timeout)
     except (RuntimeError, TimeoutError, ValueError) as error:
         raise UserError(f"Could not join the torchrun process group within {timeout_seconds:g} s "
                         f"({str(error).splitlines()[0]}); check that every node was started.")
