@@ -1,6 +1,7 @@
 """The command line on bad input: one sentence, a non-zero exit, no traceback, nothing lost."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +125,14 @@ def test_sample_without_a_checkpoint(tmp_path):
     assert_one_sentence_error(
         progvae("sample", f"--run={tmp_path / 'nowhere'}", f"--out={tmp_path / 'x.png'}"),
         "nowhere")
+
+
+@pytest.mark.parametrize("command", ["stage1", "stage2", "sweep"])
+def test_help_shows_the_command_instead_of_reading_a_config_field(command, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "progvae", command, "--help"],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                            env={**os.environ, "PAGER": "cat"})
+    assert result.returncode == 0, result.stderr
+    shown = result.stdout + result.stderr   # fire writes help to stderr when not on a terminal
+    assert f"progvae {command}" in shown and "Unknown config field" not in shown
+    assert not any(tmp_path.iterdir())   # asking for help trains nothing
