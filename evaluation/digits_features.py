@@ -80,16 +80,22 @@ def train_classifier() -> tuple[DigitClassifier, float]:
     as_input = lambda images: to_classifier_input(  # noqa: E731
         torch.from_numpy(images).permute(0, 3, 1, 2))
     x, y = as_input(train_x), torch.from_numpy(train_y).long()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TRAIN_SEED)
-        model = DigitClassifier()
-        optimizer = torch.optim.Adam(model.parameters(), lr=TRAIN_LR)
-        for _ in range(TRAIN_EPOCHS):
-            for batch in torch.randperm(len(x)).split(TRAIN_BATCH):
-                loss = F.cross_entropy(model(x[batch]), y[batch])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
+    threads = torch.get_num_threads()
+    # One thread: the network is tiny, and on a busy machine more threads only contend.
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(TRAIN_SEED)
+            model = DigitClassifier()
+            optimizer = torch.optim.Adam(model.parameters(), lr=TRAIN_LR)
+            for _ in range(TRAIN_EPOCHS):
+                for batch in torch.randperm(len(x)).split(TRAIN_BATCH):
+                    loss = F.cross_entropy(model(x[batch]), y[batch])
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     with torch.no_grad():
         predictions = model(as_input(test_x)).argmax(1).numpy()

@@ -109,6 +109,7 @@ class LatentLogRatio:
         self._outputs: dict[int, dict[str, torch.Tensor]] = {}
 
     def __enter__(self) -> "LatentLogRatio":
+        self.total = 0.0
         for block in self.blocks:
             store = self._outputs.setdefault(id(block), {})
             self._handles += [

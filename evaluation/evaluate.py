@@ -1,12 +1,15 @@
 """`progvae evaluate`: every metric that applies to a trained run, written to RUN/eval.json.
 
-| metric       | what                                                           | kinds            |
-| ------------ | -------------------------------------------------------------- | ---------------- |
-| `elbo`       | held-out ELBO (nats/dim), bits/dim, its parts, per-group rates | vdvae, stage2, joint (stage1: rate only) |
-| `mse`        | held-out reconstruction MSE per dimension and PSNR             | all              |
-| `fid`        | Inception FID of samples against the split (`evaluation.fid`)  | all              |
-| `fid_digits` | FID on digit-classifier features, for `--data=digits` only     | all              |
-| `lpips`      | LPIPS (AlexNet) of held-out images against reconstructions     | all              |
+| metric       | what                                                              |
+| ------------ | ----------------------------------------------------------------- |
+| `elbo`       | held-out ELBO (nats/dim), bits/dim, its parts, per-group rates;   |
+|              | stage-one runs have no likelihood and report their rate only      |
+| `mse`        | held-out reconstruction MSE per dimension and PSNR                |
+| `fid`        | Inception FID of samples against the split (`evaluation.fid`)     |
+| `fid_digits` | FID on digit-classifier features, for `--data=digits` only        |
+| `lpips`      | LPIPS (AlexNet) of held-out images against their reconstructions  |
+
+Every metric applies to every kind of run (stage1, stage2, joint, vdvae).
 
 ELBO and MSE cover the whole split exactly; FID compares `n_samples` samples with the whole
 split; LPIPS covers the whole split. Weights that cannot be found fail before any work.
@@ -14,6 +17,7 @@ split; LPIPS covers the whole split. Weights that cannot be found fail before an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -23,7 +27,7 @@ import numpy as np
 import torch
 
 from progvae.checkpoint import write_json
-from progvae.data import load_data, to_model_input, to_uint8_images
+from progvae.data import load_data_for, to_model_input, to_uint8_images
 from progvae.errors import UserError
 from progvae.evaluation.elbo import heldout_metrics
 from progvae.runs import load_model, load_pipeline, seeded
@@ -35,7 +39,8 @@ DIGITS_DEFAULT_METRICS = ("elbo", "mse", "fid_digits")   # Inception means littl
 
 
 def parse_metrics(metrics, data_name: str) -> list[str]:
-    """--metrics as fire hands it over (a string, a tuple, or None for the defaults)."""
+    """--metrics as fire hands it over (a string, a tuple, or None for the defaults), for the
+    dataset named `data_name` (its --data spec)."""
     if metrics is None or metrics == "":
         return list(DIGITS_DEFAULT_METRICS if data_name == "digits" else DEFAULT_METRICS)
     names = metrics if isinstance(metrics, (tuple, list)) else re.split(r"[,\s]+", str(metrics))
@@ -98,12 +103,8 @@ def evaluate_run(run: str | Path, data_spec: str = "", metrics=None, split: str 
     kind = info["stage"]
     if kind not in ("stage1", "vdvae", "stage2", "joint"):
         raise UserError(f"'{run}' is a {kind} run, which evaluate does not know how to score.")
-    data = load_data(data_spec or config.data, config.image_size, resize=config.resize)
-    if (data.image_size, data.channels) != (config.image_size, config.image_channels):
-        raise UserError(f"'{run}' models {config.image_size}x{config.image_size} images with "
-                        f"{config.image_channels} channel(s) but --data={data.name} does not; pass "
-                        "the data it was trained on.")
-    names = parse_metrics(metrics, data.name)
+    data_spec = data_spec or config.data
+    names = parse_metrics(metrics, data_spec)
     # Every scorer is built (and its weights found) before any long computation.
     fid_scorers = {}
     if "fid" in names:
@@ -116,6 +117,11 @@ def evaluate_run(run: str | Path, data_spec: str = "", metrics=None, split: str 
     if "lpips" in names:
         from progvae.evaluation.lpips_metric import LpipsScorer
         lpips_scorer = LpipsScorer(lpips_weights or None, device)
+    data = load_data_for(dataclasses.replace(config, data=data_spec))
+    if (data.image_size, data.channels) != (config.image_size, config.image_channels):
+        raise UserError(f"'{run}' models {config.image_size}x{config.image_size} images with "
+                        f"{config.image_channels} channel(s) but --data={data.name} does not; pass "
+                        "the data it was trained on.")
     if kind == "stage2":
         model = load_pipeline(run, device=device)
 
@@ -162,8 +168,8 @@ def write_eval(run_dir: Path, result: dict) -> None:
     if path.is_file():
         previous = json.loads(path.read_text())
         if all(previous.get(key) == result[key] for key in ("step", "data", "split")):
-            merged = {**previous, **result,
-                      "metrics": list(dict.fromkeys(previous.get("metrics", []) + result["metrics"]))}
+            names = list(dict.fromkeys(previous.get("metrics", []) + result["metrics"]))
+            merged = {**previous, **result, "metrics": names}
     write_json(merged, path)
 
 

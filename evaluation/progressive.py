@@ -7,10 +7,12 @@ z_{1:K} (those at resolution <= R; the paper uses R = image size / 8) and measur
 - D_K: the held-out MSE of a *new* decoder trained on z_{1:K} ~ q from the frozen VDVAE:
   a fresh VDVAE decoder with a linear mean head, the remaining groups masked (set to its own
   prior means, so the decoder is a deterministic function of z_{1:K}).
-- gamma-optimal training with the rate target gamma = R_K: the original inference path paired
-  with that masked decoder, both trained on min D subject to R <= R_K (the `rate` controller,
-  A.5). Its held-out rate is R'_K and its held-out MSE an upper bound on lambda*, the
-  gamma-optimal distortion. D_K well above it means (R_K, D_K) is not Pareto-optimal.
+- gamma-optimal training with the rate target gamma = R_K: the VDVAE's inference path (its
+  encoder and the top K groups' posteriors and priors, starting from the trained weights)
+  paired with a masked decoder of the same architecture and fresh initialisation as D_K's,
+  trained jointly on min D subject to R <= R_K (the `rate` controller, A.5) for as many steps
+  as D_K's decoder. Its held-out rate is R'_K and its held-out MSE an upper bound on lambda*,
+  the gamma-optimal distortion. D_K well above it means (R_K, D_K) is not Pareto-optimal.
 
 Writes into OUT: `conventional_decoder/` and `gamma_optimal/` (ordinary resumable run
 directories), `table.json`, `table.md` (the shape of Table 1) and `reconstructions.png`
@@ -30,9 +32,9 @@ from torch import nn
 
 from progvae import dist
 from progvae.checkpoint import write_json
-from progvae.config import Config, apply_overrides
-from progvae.controllers import build_controller
-from progvae.data import ImageData, load_data, to_uint8_images
+from progvae.config import apply_overrides
+from progvae.controllers import build_controller, constraint_summary
+from progvae.data import ImageData, load_data_for, to_uint8_images
 from progvae.errors import UserError
 from progvae.evaluation.elbo import heldout_metrics
 from progvae.heads import mse_per_image
@@ -42,9 +44,10 @@ from progvae.trainer import Trainer, default_device
 from progvae.vdvae import VDVAE
 
 N_FIGURE = 8   # held-out images in reconstructions.png
-# The gamma-optimal model starts at the conventional point, already at its rate target, so it
-# starts with equal weights on D and R rather than the paper's 0.9999 on R, which imitates KL
-# annealing for a model trained from scratch (A.5). Overridable with --multiplier_init.
+# The gamma-optimal model's inference path starts trained and already at its rate target, so
+# the multiplier starts with equal weights on D and R rather than the paper's 0.9999 on R,
+# which imitates KL annealing for a model trained from scratch (A.5). --multiplier_init
+# overrides it.
 GAMMA_MULTIPLIER_INIT = 0.5
 
 
@@ -165,7 +168,7 @@ def run_progressive(vdvae_run: str | Path, out: str | Path, data_spec: str = "",
                             f"but --data={config.data} does not; pass the data it was trained on.")
 
     started = time.perf_counter()
-    data = load_data(config.data, config.image_size, seed=config.seed, resize=config.resize)
+    data = load_data_for(config)
     check_data(data)
     rate_k, conventional = first_groups_rate(vdvae, data.test, n_groups, config.eval_batch_size,
                                              config.seed)
@@ -189,16 +192,19 @@ def run_progressive(vdvae_run: str | Path, out: str | Path, data_spec: str = "",
     decoder_trainer.fit()
     decoder_heldout = decoder_trainer.evaluate()
 
-    # Gamma-optimal: the same inference path and masked decoder, trained jointly on
-    # min D s.t. R <= R_K.
+    # Gamma-optimal: the VDVAE's inference path, now trainable, paired with a masked decoder
+    # from the same fresh initialisation, trained jointly on min D s.t. R <= R_K. Both
+    # decoders thus get exactly `steps` updates; only the rate-constrained q differs.
     gamma_overrides = {"controller": "rate", "rate_target": rate_k,
-                       "multiplier_init": (overrides or {}).get("multiplier_init",
-                                                                GAMMA_MULTIPLIER_INIT)}
+                       "multiplier_init": (config.multiplier_init
+                                           if "multiplier_init" in (overrides or {})
+                                           else GAMMA_MULTIPLIER_INIT)}
     gamma_config, gamma_data, gamma_dir = prepare_run(
         dataclasses.replace(config, **gamma_overrides), out / "gamma_optimal",
         "progressive_gamma", check_data)
     controller = build_controller(gamma_config)
-    gamma = copy.deepcopy(decoder_trainer.ema_model).requires_grad_(True)
+    gamma = MaskedCoder(copy.deepcopy(vdvae).requires_grad_(True),
+                        VDVAE(gamma_config, head="linear"), n_groups).to(device)
     freeze_unused(gamma, probe, config.seed)
     gamma_trainer = Trainer(gamma, Stage1Objective(controller), gamma_config, gamma_data,
                             gamma_dir, "progressive_gamma", quiet)
@@ -219,6 +225,15 @@ def run_progressive(vdvae_run: str | Path, out: str | Path, data_spec: str = "",
         "seconds": round(time.perf_counter() - started, 1),
     }
     if dist.is_main():
+        write_json({**decoder_trainer.run_facts(), "rate": decoder_heldout["rate"],
+                    "distortion": decoder_heldout["distortion"]}, decoder_dir / "summary.json")
+        write_json({**gamma_trainer.run_facts(), "rate": gamma_heldout["rate"],
+                    "distortion": gamma_heldout["distortion"],
+                    "multiplier": controller.multiplier,
+                    **constraint_summary(controller, gamma_heldout["rate"],
+                                         gamma_heldout["distortion"],
+                                         gamma_config.constraint_tolerance)},
+                   gamma_dir / "summary.json")
         write_json(table, out / "table.json")
         (out / "table.md").write_text(table_markdown(table))
         write_figure(decoder_trainer.ema_model, gamma_trainer.ema_model, data,
@@ -230,8 +245,8 @@ def run_progressive(vdvae_run: str | Path, out: str | Path, data_spec: str = "",
 def table_markdown(table: dict) -> str:
     """Table 1 of paper 003 for one dataset, with the run's facts underneath."""
     return "\n".join([
-        f"| Dataset | R_K | D_K | R'_K | >= lambda* |",
-        f"| --- | --- | --- | --- | --- |",
+        "| Dataset | R_K | D_K | R'_K | >= lambda* |",
+        "| --- | --- | --- | --- | --- |",
         f"| {table['data']} | {table['R_K']:.4f} | {table['D_K']:.4f} | "
         f"{table['R_prime_K']:.4f} | **{table['lambda_star_upper']:.4f}** |",
         "",
@@ -240,7 +255,8 @@ def table_markdown(table: dict) -> str:
         f"{table['vdvae_steps']} steps (held-out ELBO {table['vdvae_elbo']:.4f} nats/dim, "
         f"{table['vdvae_bpd']:.4f} bits/dim, full-model MSE D_T = {table['D_T']:.4f}); D_K from "
         f"a new decoder trained {table['decoder_steps']} steps on z_1:K "
-        f"({table['decoder_seconds']:.0f} s). Gamma-optimal: rate target R_K, "
+        f"({table['decoder_seconds']:.0f} s). Gamma-optimal: the VDVAE's inference path and a "
+        f"fresh masked decoder trained together with rate target R_K for "
         f"{table['gamma_steps']} steps ({table['gamma_seconds']:.0f} s). Rates in nats per "
         "dimension, distortions in MSE per dimension on the [-1, 1] scale, all on the "
         "held-out split.",

@@ -1,7 +1,7 @@
 """`progvae report`: one Markdown page comparing runs side by side.
 
 For each run directory it reads config.json, summary.json and, where `progvae evaluate` has
-been run, eval.json (which wins where both hold a number for the same step). It writes OUT/report.md with
+been run, eval.json (which wins where both describe the same step). It writes OUT/report.md:
 
 - a table of every run: kind, data, steps, training time, ELBO, bits/dim, FID / fid_digits
   (with the sample count), LPIPS, rates and MSE;
@@ -162,7 +162,7 @@ def lpips_against_mse(sweep: Path, lpips_weights: str = "") -> list[dict]:
     written as lpips_mse.json and plotted as lpips_mse.png inside the sweep folder."""
     import torch
 
-    from progvae.data import load_data, to_model_input
+    from progvae.data import load_data_for, to_model_input
     from progvae.evaluation.evaluate import mean_lpips, reconstructions
     from progvae.evaluation.lpips_metric import LpipsScorer
     from progvae.runs import load_model, seeded
@@ -176,7 +176,7 @@ def lpips_against_mse(sweep: Path, lpips_weights: str = "") -> list[dict]:
     rows = []
     for run_dir in run_dirs:
         config, model, info = load_model(run_dir, device)
-        data = load_data(config.data, config.image_size, resize=config.resize)
+        data = load_data_for(config)
         with seeded(config.seed, device):
             reconstructed, _ = reconstructions(info["stage"], model, data.test,
                                                config.eval_batch_size)

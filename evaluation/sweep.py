@@ -6,7 +6,8 @@
 | file                | holds                                                                  |
 | ------------------- | ---------------------------------------------------------------------- |
 | `rd.json`           | per target: held-out distortion, PSNR, rate, final multiplier,          |
-|                     | constraint_met, and the first logged step that reached the target      |
+|                     | constraint_met, the first logged step that reached the target, and    |
+|                     | the logged step from which it stayed within 10% of it                 |
 | `rd.png`            | rate against distortion, one point per target (paper 003 Fig. 2)       |
 | `multipliers.png`   | the multiplier over training, one curve per target (paper 000 Fig. 3)  |
 | `reconstructions.png` | the same held-out images: a row of originals, then a row per target |
@@ -35,7 +36,7 @@ from progvae.checkpoint import write_json
 from progvae.config import Config
 from progvae.controllers import (CONTROLLERS, TARGET_FIELDS, build_controller,
                                  check_controller_name, check_same_controller)
-from progvae.data import load_data, to_uint8_images
+from progvae.data import load_data_for, to_uint8_images
 from progvae.errors import UserError
 from progvae.images import save_rows
 from progvae.runs import heldout_batch, load_model, seeded
@@ -43,6 +44,7 @@ from progvae.stages.stage1 import train_stage1
 from progvae.trainer import default_device
 
 N_RECONSTRUCTIONS = 10   # held-out images per row of reconstructions.png
+SETTLE_TOLERANCE = 0.1   # "settled": every later logged value within 10% of the target
 
 
 def parse_targets(targets) -> list[float]:
@@ -132,18 +134,24 @@ def _run_row(out: Path, target: float) -> dict:
     run_dir = run_directory(out, target)
     summary = json.loads((run_dir / "summary.json").read_text())
     quantity = summary.get("constrained")
-    reached_at = None
+    reached_at = settled_at = None
     if quantity is not None:
-        # The first logged step whose window-mean training value met the target.
-        reached_at = next((line["step"] for line in _read_metrics(run_dir)
-                           if line.get(quantity, math.inf) <= target), None)
+        values = [(line["step"], line.get(quantity, math.inf)) for line in _read_metrics(run_dir)]
+        # The first logged step whose window-mean training value met the target ...
+        reached_at = next((step for step, value in values if value <= target), None)
+        # ... and the first from which every logged value stayed within SETTLE_TOLERANCE.
+        for index in range(len(values) - 1, -1, -1):
+            if abs(values[index][1] / target - 1) > SETTLE_TOLERANCE:
+                break
+            settled_at = values[index][0]
     return {"target": target, "run": run_dir.name, "steps": summary["steps"],
             "distortion": summary["distortion"], "psnr": summary["psnr"],
             "rate": summary["rate"], "multiplier": summary["multiplier"],
             "constraint_met": summary.get("constraint_met"),
             "relative_error": summary.get("relative_error"),
             "saturated_fraction": summary.get("saturated_fraction"),
-            "steps_to_target": reached_at, "train_seconds": summary.get("train_seconds")}
+            "steps_to_target": reached_at, "steps_to_settle": settled_at,
+            "train_seconds": summary.get("train_seconds")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +211,7 @@ def write_reconstructions(config: Config, run_dirs: list[Path], path: Path,
     """The first n held-out images, then each run's reconstruction of them (its EMA weights,
     z ~ q(z | x) under the run's seed), one row per run in the given order."""
     device = default_device()
-    data = load_data(config.data, config.image_size, seed=config.seed, resize=config.resize)
+    data = load_data_for(config)
     rows: list[np.ndarray] = []
     for run_dir in run_dirs:
         run_config, model, _ = load_model(run_dir, device)

@@ -9,11 +9,11 @@ without one it stops with a sentence naming the file and the flag rather than a 
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import torch
 
+from progvae.cache import cache_root
 from progvae.errors import UserError
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -22,12 +22,10 @@ ALEXNET_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
 
 
 def cache_dir() -> Path:
-    """progvae's cache: $PROGVAE_CACHE_DIR, else $XDG_CACHE_HOME/progvae, else ~/.cache/progvae.
-    Holds the digit classifier and FID reference statistics; safe to delete."""
-    if os.environ.get("PROGVAE_CACHE_DIR"):
-        return Path(os.environ["PROGVAE_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "progvae"
+    """Where evaluation keeps what it computes once (the digit classifier, FID reference
+    statistics): `evaluation/` inside progvae's cache folder (`progvae.cache.cache_root`:
+    $PROGVAE_CACHE, else $XDG_CACHE_HOME/progvae, else ~/.cache/progvae). Safe to delete."""
+    return cache_root() / "evaluation"
 
 
 def inception_weights(path: str | Path | None) -> Path:

@@ -92,15 +92,14 @@ def cache_root(cache_dir: str | Path = "") -> Path:
 
 
 def entry_directory(recipe: Recipe, root: Path) -> Path:
-    """`<root>/<kind>-<option values>-<12 hex digits>`: readable, and unique per source."""
+    """`<root>/<kind>-<options>-<12 hex digits>`, e.g. `celeba-64-…` or `svhn-extra-…`:
+    readable, and unique per source and options."""
     identity = json.dumps([recipe.kind, str(recipe.source), recipe.options], sort_keys=True)
     digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
-    values = "-".join(_short(value) for _, value in sorted(recipe.options.items()))
-    return root / "-".join(part for part in (recipe.kind, values, digest) if part)
-
-
-def _short(value: Any) -> str:
-    return {True: "yes", False: "no"}.get(value, str(value)) if isinstance(value, bool) else str(value)
+    # a true flag shows as its name, a false one not at all, anything else as its value
+    options = [name if value is True else str(value)
+               for name, value in sorted(recipe.options.items()) if value is not False]
+    return root / "-".join([recipe.kind, *options, digest])
 
 
 def fingerprint_files(files: list[str] | list[Path], root: Path) -> dict[str, Any]:
@@ -153,7 +152,7 @@ def load_cached(recipe: Recipe, cache_dir: str | Path = "") -> tuple[dict[str, n
 def verify_cache(entry: CacheEntry) -> list[str]:
     """Check every byte of an entry's arrays against the manifest; returns the problems found."""
     problems = []
-    for split, record in entry.manifest["arrays"].items():
+    for record in entry.manifest["arrays"].values():
         try:
             array = _open_array(entry.directory / record["file"], record)
         except (OSError, ValueError) as error:

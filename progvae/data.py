@@ -112,6 +112,15 @@ def load_data(spec: str, image_size: int, seed: int = 0, resize: bool = False, *
                      name=f"{prefix}:{path}", cache=entry)
 
 
+def load_data_for(config) -> ImageData:
+    """`load_data` with every data field of a `progvae.config.Config`: data, image_size, seed,
+    resize, svhn_extra, cache_dir and data_workers. Commands that load a run's data call this,
+    so a new data field reaches all of them."""
+    return load_data(config.data, config.image_size, seed=config.seed, resize=config.resize,
+                     svhn_extra=config.svhn_extra, cache_dir=config.cache_dir,
+                     workers=config.data_workers)
+
+
 def natural_image_size(spec: str) -> int:
     """The image size a dataset comes at, for commands where the user need not know it: 64 for
     CelebA-64 and LSUN-64, 32 for SVHN and the built-in sets, the stored size for `npz:`, and

@@ -5,12 +5,14 @@ Each reader checks its source and returns a `Recipe` for the preprocessing cache
 decodes every image into the cache's arrays (in worker processes when there are many). Nothing
 here is read at import time, and nothing downloads: users bring the files.
 
-| source        | files                                                   | splits                                       | preprocessing                                          |
-| ------------- | ------------------------------------------------------- | -------------------------------------------- | ------------------------------------------------------ |
-| `svhn:DIR`    | train_32x32.mat, test_32x32.mat (+ extra_32x32.mat)     | train (+ extra) / test                       | none: X (32, 32, 3, N) → (N, 32, 32, 3)                |
-| `celeba:DIR`  | img_align_celeba/*.jpg, list_eval_partition.txt         | the official 0 train / 1 valid / 2 test      | centre crop 148×148, antialiased bilinear resize to S  |
-| `lsun:DIR`    | an LMDB (data.mdb), or a folder of exported images      | the last 10,000 in key order are held out    | centre crop to a square, antialiased bilinear resize   |
-| `folder:DIR`  | PNG/JPEG/BMP under DIR                                  | DIR/train + DIR/test, or a fixed 90/10 split | none, or antialiased bilinear resize with --resize     |
+| spec         | files                                           | held out           | preprocessing                 |
+| ------------ | ----------------------------------------------- | ------------------ | ----------------------------- |
+| `svhn:DIR`   | train_32x32.mat, test_32x32.mat (+ extra)       | test_32x32.mat     | none                          |
+| `celeba:DIR` | img_align_celeba/*.jpg, list_eval_partition.txt | the official test  | crop 148, resize to S         |
+| `lsun:DIR`   | an LMDB (data.mdb) or exported images           | last 10,000 by key | square crop, resize to S      |
+| `folder:DIR` | PNG/JPEG/BMP under DIR                          | DIR/test, or 10%   | none, or resize with --resize |
+
+Resizes are antialiased bilinear; each reader's docstring says exactly what it does.
 """
 
 from __future__ import annotations
@@ -281,7 +283,10 @@ def _open_lmdb(database: str):
 def _lmdb_keys(database: Path) -> list[bytes]:
     environment = _open_lmdb(str(database))
     with environment.begin() as transaction:
-        return list(transaction.cursor().iternext(keys=True, values=False))
+        keys = list(transaction.cursor().iternext(keys=True, values=False))
+    environment.close()  # closed before any worker is forked from this process
+    del _OPEN_DATABASES[str(database)]
+    return keys
 
 
 def _decode_lsun_entry(key: bytes, database: str, image_size: int) -> np.ndarray:
@@ -452,7 +457,7 @@ def _decode_splits(writer: CacheWriter, splits: dict[str, list], decode: Callabl
     colour = False
     with _progress(len(every_item), kind) as bar:
         images = decode_all(decode, [item for _, _, item in every_item], workers)
-        for (split, index, _), image in zip(every_item, images):
+        for (split, index, _), image in zip(every_item, images, strict=True):
             outputs[split][index] = image
             colour = colour or image.shape[2] == 3
             bar.update(1)
@@ -469,19 +474,30 @@ def worker_count(workers: int) -> int:
 
 def decode_all(decode: Callable[[Any], np.ndarray], items: list, workers: int = 0) -> Iterator[np.ndarray]:
     """decode(item) for every item, in order: in this process for a few items or one worker, else
-    in `worker_count(workers)` spawned processes, WORKER_CHUNK items per task."""
+    in `worker_count(workers)` worker processes, WORKER_CHUNK items per task."""
     workers = worker_count(workers)
     if workers == 1 or len(items) < 2 * WORKER_CHUNK:
         yield from map(decode, items)
         return
     chunks = [items[start : start + WORKER_CHUNK] for start in range(0, len(items), WORKER_CHUNK)]
-    # spawn, not fork: the parent may hold torch's thread pools, which do not survive a fork
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    # fork where there is one, as torch's DataLoader does: a spawned worker would first import
+    # the parent's __main__ (and with it torch), seconds per worker
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
+                               initializer=_start_worker)
     try:
         for images in pool.map(functools.partial(_decode_chunk, decode), chunks):
             yield from images
     finally:  # on an error, stop the tasks not yet started instead of waiting for them
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _start_worker() -> None:
+    """Make a forked worker safe: its own LMDB handles (LMDB forbids using a parent's), and one
+    torch thread if torch is loaded (the workers already use every core between them)."""
+    _OPEN_DATABASES.clear()
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
 
 
 def _decode_chunk(decode: Callable[[Any], np.ndarray], items: list) -> list[np.ndarray]:

@@ -16,7 +16,7 @@ from torch import nn
 from progvae import dist
 from progvae.checkpoint import load_checkpoint, load_run_config, write_json
 from progvae.config import ARCHITECTURE_FIELDS, Config
-from progvae.data import ImageData, load_data, to_model_input
+from progvae.data import ImageData, load_data_for, to_model_input
 from progvae.errors import UserError
 from progvae.images import save_rows
 from progvae.vdvae import VDVAE
@@ -33,7 +33,7 @@ def prepare_run(config: Config, out: str | Path, stage: str,
     dist.setup(config.dist_timeout)
     if config.num_threads > 0:
         torch.set_num_threads(config.num_threads)
-    data = load_data(config.data, config.image_size, seed=config.seed, resize=config.resize)
+    data = load_data_for(config)
     if check_data is not None:
         check_data(data)
     config = dataclasses.replace(config, image_channels=data.channels)

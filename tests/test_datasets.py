@@ -14,7 +14,8 @@ from PIL import Image
 from progvae import datasets
 from progvae.__main__ import main
 from progvae.cache import cache_root, verify_cache
-from progvae.data import load_data
+from progvae.config import load_config
+from progvae.data import load_data, load_data_for, natural_image_size
 from progvae.errors import UserError
 
 
@@ -336,6 +337,14 @@ def test_cached_arrays_are_copy_on_write_memory_maps(tmp_path):
     np.testing.assert_array_equal(load_data(f"svhn:{tmp_path}", 32).train[0], arrays["train"][0])
 
 
+def test_config_fields_reach_the_loader(tmp_path):
+    make_svhn(tmp_path, {"train": 6, "test": 4, "extra": 5})
+    config = load_config("svhn", {"data": f"svhn:{tmp_path}", "svhn_extra": True,
+                                  "cache_dir": str(tmp_path / "mine"), "data_workers": 1})
+    data = load_data_for(config)
+    assert len(data.train) == 11 and data.cache.directory.parent == tmp_path / "mine"
+
+
 def test_cache_location(tmp_path, monkeypatch):
     data = tmp_path / "svhn"
     make_svhn(data)
@@ -365,6 +374,15 @@ def test_worker_processes_decode_the_same_images(tmp_path, monkeypatch):
     parallel = load_data(f"folder:{tmp_path}", 8, workers=2, cache_dir=tmp_path / "two")
     np.testing.assert_array_equal(serial.train, parallel.train)
     np.testing.assert_array_equal(serial.test, parallel.test)
+    (tmp_path / "33.png").write_bytes(b"damaged")  # an error in a worker reaches the user as is
+    with pytest.raises(UserError, match="33.png"):
+        load_data(f"folder:{tmp_path}", 8, workers=2, cache_dir=tmp_path / "two")
+
+
+def test_worker_processes_read_the_lmdb_themselves(tmp_path, monkeypatch):
+    make_lsun_lmdb(tmp_path)
+    monkeypatch.setattr(datasets, "WORKER_CHUNK", 4)
+    check_lsun(load_data(f"lsun:{tmp_path}", 16, workers=2))
 
 
 # ---------------------------------------------------------------- python -m progvae data
@@ -381,6 +399,14 @@ def test_data_command_prints_splits_and_writes_a_preview(tmp_path, capsys):
     assert Image.open(preview).size[0] > 64
     main(["data", f"--data=celeba:{tmp_path / 'celeba'}", f"--out={preview}"])
     assert "(reused;" in capsys.readouterr().out
+
+
+def test_data_command_finds_the_image_size_itself(tmp_path, capsys):
+    for index, image in enumerate(random_images(4, 12, 12)):
+        Image.fromarray(image).save(tmp_path / f"{index}.png")
+    assert natural_image_size(f"folder:{tmp_path}") == 12 and natural_image_size("celeba:/any") == 64
+    main(["data", f"--data=folder:{tmp_path}", f"--out={tmp_path / 'p.png'}"])
+    assert "train           3  (12, 12, 3)" in capsys.readouterr().out
 
 
 def test_data_command_bad_input_is_one_sentence(tmp_path, capsys):
