@@ -24,9 +24,11 @@ weight of up to lam / c ~ 1e6 on D, which would turn VDVAE's absolute gradient-n
 (`grad_clip` 200, `skip_threshold` 500) into "skip every update". So every controller here
 returns its paper's objective divided by a detached positive normaliser (the sum of the weights
 on R and D, or a constant). Within a step that is one positive constant: the gradient direction
-is the paper's, and Adam, which is invariant to the scale of its gradients, takes the paper's
-step, while the gradient norm stays on the scale of the projected Lagrangian's convex
-combination (1 - lam) * R + lam * D.
+is the paper's, and Adam, whose steps do not change when its gradients are rescaled by a
+constant (and barely when by a slowly drifting one), takes the paper's steps, while the
+gradient norm stays on the scale of the projected Lagrangian's convex combination
+(1 - lam) * R + lam * D. (Unnormalised, D-CO's first update on digits would have a gradient
+norm of ~2e5 and be skipped, and so would every later one.)
 """
 
 from __future__ import annotations
@@ -135,10 +137,16 @@ class LagrangianController(Controller):
         self.lam = torch.tensor(float(init), dtype=torch.float64, requires_grad=True)
         self.optimizer = torch.optim.Adam([self.lam], lr=lr, betas=(0.0, beta2))
         self.tracked: float | None = None   # EMA of the constrained quantity
+        self.lam_value = float(init)        # lam as a Python float (see _sync)
 
     @property
     def multiplier(self) -> float:
-        return float(self.lam.detach())
+        return self.lam_value
+
+    def _sync(self) -> None:
+        """Mirror lam in a float: `loss` reads no tensor, so torch.compile traces it without a
+        graph break (a float attribute that changes becomes a symbolic input)."""
+        self.lam_value = float(self.lam.detach())
 
     def constrained_value(self, rate: float, distortion: float) -> float:
         """The quantity held to the target: distortion here; rate for rate targeting."""
@@ -161,6 +169,7 @@ class LagrangianController(Controller):
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             self.lam.clamp_(self.minimum, self.maximum)
+        self._sync()
 
     def at_bound(self) -> bool:
         return self.saturated() or self.multiplier <= self.minimum * (1 + 1e-6)
@@ -176,6 +185,7 @@ class LagrangianController(Controller):
     def load_extra_state(self, state: dict) -> None:
         with torch.no_grad():
             self.lam.fill_(state["lam"])
+        self._sync()
         self.tracked = state["tracked"]
         self.optimizer.load_state_dict(state["optimizer"])
 
@@ -188,7 +198,14 @@ class RateController(LagrangianController):
     R_ema the moving average (rate `distortion_ema`) of the detached batch rate, in nats per
     dimension. `multiplier` is eta, the weight on rate: R_ema above the target raises it (less
     weight on D), below the target lowers it. Saturated at the top of [1e-4, 0.9999].
+
+    `init` is the initial weight on *distortion*, as for the distortion-targeted scheme, so eta
+    starts at 1 - 0.9999 = 1e-4: rate weighted by only 1e-4 at first, the KL annealing that
+    A.5 starts with (a literal swap, eta = 0.9999, would start by collapsing the posterior).
     """
+
+    def __init__(self, target: float, init: float = 0.9999, **settings):
+        super().__init__(target, init=1.0 - init, **settings)
 
     name = "rate"
     constrained = "rate"
@@ -294,10 +311,16 @@ class DCOController(Controller):
         self.log_lam = torch.tensor(self.log_max, dtype=torch.float64, requires_grad=True)
         self.optimizer = torch.optim.SGD([self.log_lam], lr=lr, momentum=momentum,
                                          dampening=momentum)
+        self.log_lam_value = self.log_max   # log lam as a Python float, for `loss` (see _sync)
 
     @property
     def multiplier(self) -> float:
-        return math.exp(float(self.log_lam.detach()))
+        return math.exp(self.log_lam_value)
+
+    def _sync(self) -> None:
+        """Mirror log lam in a float: `loss` reads no tensor, so torch.compile traces it
+        without a graph break."""
+        self.log_lam_value = float(self.log_lam.detach())
 
     def loss(self, rate: torch.Tensor, distortion: torch.Tensor) -> torch.Tensor:
         lam = self.multiplier
@@ -311,20 +334,22 @@ class DCOController(Controller):
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             self.log_lam.clamp_(max=self.log_max)
+        self._sync()
 
     def at_bound(self) -> bool:
         return self.saturated()
 
     def saturated(self) -> bool:
-        return float(self.log_lam.detach()) >= self.log_max - 1e-12
+        return self.log_lam_value >= self.log_max - 1e-12
 
     def extra_state(self) -> dict:
-        return {"log_lam": float(self.log_lam.detach()),
+        return {"log_lam": self.log_lam_value,
                 "optimizer": copy.deepcopy(self.optimizer.state_dict())}
 
     def load_extra_state(self, state: dict) -> None:
         with torch.no_grad():
             self.log_lam.fill_(state["log_lam"])
+        self._sync()
         self.optimizer.load_state_dict(state["optimizer"])
 
 
@@ -411,6 +436,7 @@ def build_controller(config: Config) -> Controller:
             f"The distortion target must be a positive MSE per dimension on the [-1, 1] scale "
             f"(e.g. --distortion_target=0.01); got {config.distortion_target}.")
     target = config.distortion_target
+    _check_settings(config)
     if name == "geco":
         return GECOController(target, init=config.geco_init, lr=config.geco_lr,
                               ema=config.geco_ema, minimum=config.geco_min,
@@ -424,6 +450,25 @@ def build_controller(config: Config) -> Controller:
         target, init=config.multiplier_init, minimum=config.multiplier_min,
         maximum=config.multiplier_max, lr=config.multiplier_lr, beta2=config.multiplier_beta2,
         ema=config.distortion_ema)
+
+
+def _check_settings(config: Config) -> None:
+    """The settings of the chosen controller, each in its range, or one sentence naming it."""
+    ranges = {
+        "geco": [("geco_init", 0 < config.geco_min <= config.geco_init <= config.geco_max,
+                  f"between geco_min={config.geco_min:g} and geco_max={config.geco_max:g}, "
+                  "both positive"),
+                 ("geco_lr", config.geco_lr > 0, "positive"),
+                 ("geco_ema", 0 <= config.geco_ema < 1, "in [0, 1)")],
+        "dco": [("dco_lr", config.dco_lr > 0, "positive"),
+                ("dco_momentum", 0 <= config.dco_momentum < 1, "in [0, 1)"),
+                ("dco_max", config.dco_max > 0, "positive")],
+        "hinge": [("hinge_weight", config.hinge_weight > 0, "positive")],
+    }
+    for field, valid, condition in ranges.get(config.controller, []):
+        if not valid:
+            raise UserError(f"--{field}={getattr(config, field)} is out of range for "
+                            f"--controller={config.controller}; it must be {condition}.")
 
 
 def check_same_controller(out: str | Path, config: Config) -> None:

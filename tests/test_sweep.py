@@ -9,6 +9,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import pytest
 
+from progvae.__main__ import main
 from progvae.errors import UserError
 from progvae.evaluation.sweep import parse_targets
 
@@ -41,7 +42,7 @@ def test_a_sweep_writes_its_report_skips_finished_targets_and_continues_unfinish
     assert [run["target"] for run in report["runs"]] == [0.08, 0.04]
     for run in report["runs"]:
         assert {"distortion", "psnr", "rate", "multiplier", "constraint_met",
-                "steps_to_target"} <= set(run)
+                "steps_to_target", "steps_to_settle"} <= set(run)
         summary = json.loads((out / run["run"] / "summary.json").read_text())
         assert summary["target"] == run["target"] and summary["controller"] == "dco"
     for name in ("rd.png", "multipliers.png"):
@@ -69,10 +70,11 @@ def test_a_sweep_writes_its_report_skips_finished_targets_and_continues_unfinish
     (["--targets=0.05,-1"], "positive"),
     (["--targets=0.05", "--data=folder:/nonexistent"], "nonexistent"),
 ])
-def test_bad_sweeps_fail_in_one_sentence_before_writing(tmp_path, args, needle):
-    result = sweep(tmp_path / "sweep", *args)
-    assert result.returncode == 2, result.stderr
-    message = result.stderr.strip()
+def test_bad_sweeps_fail_in_one_sentence_before_writing(tmp_path, capsys, args, needle):
+    with pytest.raises(SystemExit) as exit_:      # the CLI in this process: no torch start-up
+        main(["sweep", *QUICK, f"--out={tmp_path / 'sweep'}", *args])
+    assert exit_.value.code == 2
+    message = capsys.readouterr().err.strip()
     assert message.startswith("progvae: error:") and "\n" not in message, message
     assert needle in message
     assert not (tmp_path / "sweep").exists()
