@@ -63,21 +63,25 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert torch.allclose(gradient_saving, gradient, atol=1e-7)
 
 
-@pytest.mark.slow
-def test_compiled_step_matches_eager():
-    """Stated tolerance: loss within 1e-4, gradient within 1e-3 (relative). Compiling takes a
-    few minutes on 2 CPU cores, hence `slow`. Inductor's own RNG differs from eager's, so the
-    comparison asks it to fall back to eager random numbers."""
-    import torch._inductor.config as inductor_config
+def fixed_noise_like(t: torch.Tensor) -> torch.Tensor:
+    """Deterministic stand-in for N(0, 1) draws, the same under eager and compiled runs."""
+    index = torch.arange(t.numel(), dtype=torch.float32, device=t.device).reshape(t.shape)
+    return torch.sin(index * 1.7).to(t.dtype)
 
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager(monkeypatch):
+    """Stated tolerance: loss within 1e-4, gradient within 1e-3 (relative). Compiling takes a
+    few minutes on 2 CPU cores, hence `slow`. Inductor draws random numbers its own way, so
+    both runs use the same fixed noise for the posterior samples: what is compared is the
+    arithmetic of the step, which is what compilation may change."""
+    import progvae.distributions
+
+    monkeypatch.setattr(progvae.distributions, "standard_normal_like", fixed_noise_like)
     model = small_model(width=8, dec_blocks="1x1,4m1,8m4,16m8", enc_blocks="16d2,8d2,4d4,1x1")
     module = LossModule(model, objective())
     loss, gradient = loss_and_gradient(module, model)
-    inductor_config.fallback_random = True
-    try:
-        loss_compiled, gradient_compiled = loss_and_gradient(torch.compile(module), model)
-    finally:
-        inductor_config.fallback_random = False
+    loss_compiled, gradient_compiled = loss_and_gradient(torch.compile(module), model)
     assert relative(loss_compiled, loss) < 1e-4
     assert relative(gradient_compiled, gradient) < 1e-3
 
