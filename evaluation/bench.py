@@ -83,8 +83,12 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def run_bench(config: Config, model: str = "stage1", steps: int = 20, warmup: int = 5,
-              sample_batches: int = 3, device: str = "") -> dict:
-    """Benchmark one configuration; returns the numbers `bench` prints and writes."""
+              sample_batches: int = 3, device: str = "", profile: int = 0) -> dict:
+    """Benchmark one configuration; returns the numbers `bench` prints and writes. With
+    `profile` > 0 it also profiles that many steps (torch.profiler) into "profile", a table
+    of the operators that take the most time."""
+    if not isinstance(profile, int) or isinstance(profile, bool) or profile < 0:
+        raise UserError(f"--profile must be a number of steps >= 0, got {profile!r}.")
     if model not in MODELS:
         raise UserError(f"--model must be one of {', '.join(MODELS)}, got '{model}'.")
     if device == "cuda" and not torch.cuda.is_available():
@@ -119,6 +123,7 @@ def run_bench(config: Config, model: str = "stage1", steps: int = 20, warmup: in
             trainer.train_step()
         flops = counter.get_total_flops()
         sampling = sampling_rate(trainer, model, config, device_, sample_batches)
+        table = profile_steps(trainer, device_, profile) if profile else None
     images = config.batch_size * config.accumulate
     median = statistics.median(times)
     dtype = trainer.autocast_dtype or torch.float32
@@ -142,7 +147,25 @@ def run_bench(config: Config, model: str = "stage1", steps: int = 20, warmup: in
         "sample_images_per_s": sampling,
         "loader_images_per_s": loader_rate(data, config.batch_size),
     }
+    if table is not None:
+        result["profile"] = table
     return result
+
+
+def profile_steps(trainer: Trainer, device: torch.device, steps: int) -> str:
+    """torch.profiler over `steps` training steps: the 20 operators with the most self time
+    (CUDA time on a GPU), which is what bounds the step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as profiler:
+        for _ in range(steps):
+            trainer.train_step()
+        _synchronize(device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort_by, row_limit=20)
 
 
 @torch.no_grad()
@@ -192,7 +215,8 @@ def format_result(result: dict) -> str:
         f"  memory {result['peak_memory_mb']:.0f} MiB peak",
         f"  sample {result['sample_images_per_s']:.1f} images/s; "
         f"loader {result['loader_images_per_s']:.0f} images/s",
-    ])
+    ] + ([f"  profile of the step (operators by self time):\n{result['profile']}"]
+         if "profile" in result else []))
 
 
 def write_result(result: dict, path: str | Path) -> None:

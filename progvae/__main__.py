@@ -309,13 +309,15 @@ def report(runs=None, out: str = "", sweep: str = "", lpips_weights: str = "") -
 
 def bench(config: str = "tiny", model: str = "stage1", batch: int | None = None,
           precision: str = "auto", compile: bool | str = "auto", device: str = "",
-          steps: int = 20, warmup: int = 5, out: str = "bench.json", **overrides) -> None:
+          steps: int = 20, warmup: int = 5, out: str = "bench.json", profile: int = 0,
+          **overrides) -> None:
     """Measure the training step (images/s, memory, FLOPs and fraction of peak), sampling and
     the data path on synthetic images of the preset's shape; prints and writes bench.json.
 
     Example: python -m progvae bench --config=svhn --model=stage1 --precision=bf16 --compile
     (--device=cpu|cuda only checks that the step runs where you expect; CUDA is used when
-    visible). Any config field can be overridden, e.g. --checkpoint_activations=True.
+    visible). --profile=N adds a torch.profiler table of N steps (the operators that take the
+    most time). Any config field can be overridden, e.g. --checkpoint_activations=True.
     """
     from progvae.config import load_config
     from progvae.evaluation.bench import format_result, run_bench, write_result
@@ -326,7 +328,8 @@ def bench(config: str = "tiny", model: str = "stage1", batch: int | None = None,
     settings = load_config(config, overrides)
     if settings.data == "digits":
         settings = dataclasses.replace(settings, image_channels=1)
-    result = run_bench(settings, model=model, steps=steps, warmup=warmup, device=device)
+    result = run_bench(settings, model=model, steps=steps, warmup=warmup, device=device,
+                       profile=profile)
     print(format_result(result))
     write_result({"config": config, **result}, out)
     print(f"Wrote {out}.")
