@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from progvae import dist
 from progvae.data import to_model_input
 from progvae.distributions import precision_weighted_merge
 from progvae.heads import mse_per_image
@@ -37,6 +38,7 @@ from progvae.runs import psnr, seeded
 from progvae.vdvae import DecoderBlock
 
 KINDS_WITH_LIKELIHOOD = ("vdvae", "stage2", "joint")
+RANK_SEED_STRIDE = 7919   # rank r draws under seed + r * stride (rank 0: the one-process seed)
 
 
 def image_terms(kind: str, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -68,12 +70,15 @@ def heldout_metrics(kind: str, model: nn.Module, images: np.ndarray, batch_size:
     model.eval()
     with_bound = iw_samples > 0 and kind in KINDS_WITH_LIKELIHOOD
     totals: dict[str, torch.Tensor] = collections.defaultdict(float)
+    # Under torchrun each rank takes its share of the images under its own seed, and the sums
+    # are added across ranks, so every image counts exactly once.
+    local = images[dist.shard(len(images))]
     # The bound runs as a second pass under its own seed, so asking for it leaves the
     # single-sample numbers unchanged.
     for pass_seed, bound_pass in ((seed, False), (seed + 1, True))[:2 if with_bound else 1]:
-        with seeded(pass_seed, device):
-            for start in range(0, len(images), batch_size):
-                x = to_model_input(torch.from_numpy(images[start:start + batch_size])).to(device)
+        with seeded(pass_seed + RANK_SEED_STRIDE * dist.rank(), device):
+            for start in range(0, len(local), batch_size):
+                x = to_model_input(torch.from_numpy(local[start:start + batch_size])).to(device)
                 if bound_pass:
                     terms = {"iw_elbo": importance_weighted_elbo(kind, model, x, iw_samples)}
                 else:
@@ -82,7 +87,8 @@ def heldout_metrics(kind: str, model: nn.Module, images: np.ndarray, batch_size:
                     totals[name] = totals[name] + value.double().sum(0).cpu()
     count = len(images)
     metrics: dict = {"n_images": count}
-    for name, total in totals.items():
+    for name in sorted(totals):   # the same order on every rank, for the collectives
+        total = dist.sum_across_ranks(totals[name].to(dist.collective_device())).cpu()
         mean = total / count
         metrics[name] = mean.tolist() if mean.dim() else float(mean)
     for name in ("elbo", "iw_elbo"):

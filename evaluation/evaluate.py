@@ -26,10 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from progvae import dist
 from progvae.checkpoint import write_json
 from progvae.data import load_data_for, to_model_input, to_uint8_images
 from progvae.errors import UserError
-from progvae.evaluation.elbo import heldout_metrics
+from progvae.evaluation.elbo import RANK_SEED_STRIDE, heldout_metrics
 from progvae.runs import load_model, load_pipeline, seeded
 from progvae.trainer import default_device
 
@@ -90,14 +91,17 @@ def reconstructions(kind: str, model, images: np.ndarray, batch_size: int
 def evaluate_run(run: str | Path, data_spec: str = "", metrics=None, split: str = "test",
                  n_samples: int = 10_000, iw_samples: int = 0, batch_size: int = 64,
                  inception_weights: str = "", lpips_weights: str = "",
-                 temperature: float = 1.0, seed: int = 0) -> dict:
-    """Compute the metrics, merge them into RUN/eval.json and return them."""
+                 temperature: float = 1.0, seed: int = 0, dist_timeout: float = 1800.0) -> dict:
+    """Compute the metrics, merge them into RUN/eval.json and return them. Under torchrun
+    the held-out images, the samples and the LPIPS pairs are split between the ranks and
+    their sums (or, for FID, their features) gathered; rank 0 writes eval.json."""
     if split not in ("test", "train"):
         raise UserError(f"--split must be test or train, got '{split}'.")
     for name, value, smallest in (("n_samples", n_samples, 1), ("iw_samples", iw_samples, 0),
                                   ("batch_size", batch_size, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < smallest:
             raise UserError(f"--{name} must be an integer >= {smallest}, got {value!r}.")
+    dist.setup(dist_timeout)   # under torchrun: the work is shared between the ranks
     device = default_device()
     config, model, info = load_model(run, device)
     kind = info["stage"]
@@ -126,38 +130,52 @@ def evaluate_run(run: str | Path, data_spec: str = "", metrics=None, split: str 
         model = load_pipeline(run, device=device)
 
     images = data.test if split == "test" else data.train
+    if len(images) < dist.world_size():
+        raise UserError(f"The {split} split has {len(images)} images, fewer than the "
+                        f"{dist.world_size()} processes; run with fewer processes.")
     started = time.perf_counter()
     result: dict = {"run": str(run), "kind": kind, "step": info["step"], "data": data.name,
                     "split": split, "n_images": len(images)}
     if "elbo" in names or "mse" in names:
         result.update(heldout_metrics(kind, model, images, batch_size, seed, iw_samples))
+    rank_seed = seed + RANK_SEED_STRIDE * dist.rank()
     if fid_scorers:
-        with seeded(seed, device):
-            samples = sample_images(kind, model, n_samples, temperature, batch_size)
+        # Under torchrun each rank draws its share of the samples and extracts their
+        # features; the features are gathered, so the statistics are those of all samples.
+        with seeded(rank_seed, device):
+            samples = sample_images(kind, model, len(range(n_samples)[dist.shard(n_samples)]),
+                                    temperature, batch_size)
         for metric, scorer in fid_scorers.items():
-            result[metric] = scorer(samples, images)
+            features = dist.gather_rows(scorer.features(samples))
+            result[metric] = scorer.score_features(features, images)
         result.update({"fid_n_samples": n_samples, "fid_temperature": temperature})
     if lpips_scorer is not None:
-        with seeded(seed, device):
-            finals, firsts = reconstructions(kind, model, images, batch_size)
-        originals = to_model_input(torch.from_numpy(images))
-        result["lpips"] = mean_lpips(lpips_scorer, originals, finals, batch_size)
+        local = images[dist.shard(len(images))]
+        with seeded(rank_seed, device):
+            finals, firsts = reconstructions(kind, model, local, batch_size)
+        originals = to_model_input(torch.from_numpy(local))
+        result["lpips"] = mean_lpips(lpips_scorer, originals, finals, batch_size, len(images))
         if firsts is not None:
-            result["stage1_lpips"] = mean_lpips(lpips_scorer, originals, firsts, batch_size)
+            result["stage1_lpips"] = mean_lpips(lpips_scorer, originals, firsts, batch_size,
+                                                len(images))
     result["metrics"] = names
     result["seconds"] = round(time.perf_counter() - started, 2)
-    write_eval(Path(run), result)
+    if dist.is_main():
+        write_eval(Path(run), result)
+    dist.barrier()
     return result
 
 
 def mean_lpips(scorer, originals: torch.Tensor, reconstructed: torch.Tensor,
-               batch_size: int) -> float:
-    """Mean LPIPS over aligned image sets (B, C, H, W) in [-1, 1]."""
-    total = 0.0
+               batch_size: int, count: int | None = None) -> float:
+    """Mean LPIPS over aligned image sets (B, C, H, W) in [-1, 1]: under torchrun each rank
+    passes its share and `count`, the number of images over all ranks."""
+    total = torch.zeros((), dtype=torch.float64)
     for start in range(0, len(originals), batch_size):
-        total += float(scorer(originals[start:start + batch_size],
-                              reconstructed[start:start + batch_size]).double().sum())
-    return total / len(originals)
+        total += scorer(originals[start:start + batch_size],
+                        reconstructed[start:start + batch_size]).double().sum().cpu()
+    total = dist.sum_across_ranks(total.to(dist.collective_device()))
+    return float(total) / (len(originals) if count is None else count)
 
 
 def write_eval(run_dir: Path, result: dict) -> None:

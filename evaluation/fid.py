@@ -91,8 +91,9 @@ class FidScorer:
         self.weights_fingerprint = file_fingerprint(weights_path)
         try:
             with contextlib.redirect_stdout(io.StringIO()):
-                layer = resolve_feature_layer_for_metric("fid", **self.options)
-                self.extractor = create_feature_extractor(self.name, [layer], **self.options)
+                self.layer = resolve_feature_layer_for_metric("fid", **self.options)
+                self.extractor = create_feature_extractor(self.name, [self.layer],
+                                                          **self.options)
         except Exception as error:   # a file of the wrong architecture or not a state dict
             raise UserError(f"'{weights_path}' could not be loaded as the {self.metric} feature "
                             f"extractor's weights ({type(error).__name__}); pass the right "
@@ -105,17 +106,42 @@ class FidScorer:
         return f"progvae-{digest.hexdigest()[:16]}-{self.weights_fingerprint}"
 
     @torch.no_grad()
-    def __call__(self, samples: np.ndarray, reference: np.ndarray) -> float:
-        """FID between uint8 NHWC `samples` and `reference` (statistics cached)."""
-        from torch_fidelity.metric_fid import fid_inputs_to_metric
+    def features(self, samples: np.ndarray) -> torch.Tensor:
+        """The extractor's features (N, D) of uint8 NHWC images, on the CPU."""
+        from torch_fidelity.utils import get_featuresdict_from_dataset
 
-        if len(samples) < 2 or len(reference) < 2:
-            raise UserError(f"FID needs at least 2 images in each set, got {len(samples)} "
-                            f"samples and {len(reference)} reference images; pass a larger "
-                            "--n_samples.")
+        with contextlib.redirect_stdout(io.StringIO()):
+            features = get_featuresdict_from_dataset(
+                ImageArray(samples), self.extractor, self.options["batch_size"],
+                self.options["cuda"], self.options["save_cpu_ram"], False)
+        return features[self.layer].cpu()
+
+    @torch.no_grad()
+    def score_features(self, features: torch.Tensor, reference: np.ndarray) -> float:
+        """FID between images given by their `features` (all of them: under DDP, every rank's
+        gathered) and the uint8 NHWC `reference` set (its statistics cached)."""
+        from torch_fidelity.metric_fid import (fid_features_to_statistics,
+                                               fid_input_id_to_statistics_cached,
+                                               fid_statistics_to_metric)
+
+        _check_sizes(len(features), len(reference))
         Path(self.options["cache_root"]).mkdir(parents=True, exist_ok=True)
-        options = {**self.options, "input1": ImageArray(samples),
-                   "input2": ImageArray(reference),
+        options = {**self.options, "input2": ImageArray(reference),
                    "input2_cache_name": self.reference_key(reference)}
         with contextlib.redirect_stdout(io.StringIO()):
-            return float(fid_inputs_to_metric(self.extractor, **options)[FID_KEY])
+            reference_statistics = fid_input_id_to_statistics_cached(
+                2, self.extractor, self.layer, **options)
+            statistics = fid_features_to_statistics(features)
+            return float(fid_statistics_to_metric(statistics, reference_statistics,
+                                                  False)[FID_KEY])
+
+    def __call__(self, samples: np.ndarray, reference: np.ndarray) -> float:
+        """FID between uint8 NHWC `samples` and `reference` (statistics cached)."""
+        _check_sizes(len(samples), len(reference))
+        return self.score_features(self.features(samples), reference)
+
+
+def _check_sizes(n_samples: int, n_reference: int) -> None:
+    if n_samples < 2 or n_reference < 2:
+        raise UserError(f"FID needs at least 2 images in each set, got {n_samples} samples and "
+                        f"{n_reference} reference images; pass a larger --n_samples.")

@@ -216,7 +216,7 @@ def data(data: str = "", image_size: int = 0, out: str = "preview.png", n: int =
 def evaluate(run: str = "", data: str = "", metrics=None, split: str = "test",
              n_samples: int = 10_000, iw_samples: int = 0, batch_size: int = 64,
              inception_weights: str = "", lpips_weights: str = "", temperature: float = 1.0,
-             seed: int = 0, num_threads: int = 0) -> None:
+             seed: int = 0, num_threads: int = 0, dist_timeout: float = 1800.0) -> None:
     """Score a trained run (stage1, stage2, joint or vdvae) and write RUN/eval.json.
 
     Example: python -m progvae evaluate --run=runs/s2 --metrics=elbo,mse,fid,lpips
@@ -229,7 +229,8 @@ def evaluate(run: str = "", data: str = "", metrics=None, split: str = "test",
     torch-fidelity; reference statistics cached). fid_digits uses a small digit classifier's
     features instead and is not comparable with FID. LPIPS (AlexNet) compares held-out images
     with their reconstructions. --data defaults to the run's own data. Offline, pass the
-    weights files named above; without them FID and LPIPS stop with a message.
+    weights files named above; without them FID and LPIPS stop with a message. Under
+    torchrun the images, samples and features are shared out between the processes.
     """
     import torch
 
@@ -240,9 +241,10 @@ def evaluate(run: str = "", data: str = "", metrics=None, split: str = "test",
     if num_threads > 0:
         torch.set_num_threads(num_threads)
     result = evaluate_run(run, data, metrics, split, n_samples, iw_samples, batch_size,
-                          inception_weights, lpips_weights, temperature, seed)
-    print(format_table(result))
-    print(f"Wrote {Path(run) / 'eval.json'} ({result['seconds']:.0f} s).")
+                          inception_weights, lpips_weights, temperature, seed, dist_timeout)
+    if _is_main():
+        print(format_table(result))
+        print(f"Wrote {Path(run) / 'eval.json'} ({result['seconds']:.0f} s).")
 
 
 def vdvae(config: str = "tiny", out: str = "", quiet: bool = False, **overrides) -> None:

@@ -96,3 +96,34 @@ def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
         values = values.clone()
         torch_dist.all_reduce(values, op=torch_dist.ReduceOp.SUM)
     return values
+
+
+def collective_device() -> torch.device:
+    """Where tensors must be for a collective: this rank's GPU under NCCL, else the CPU."""
+    if is_distributed() and torch_dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def shard(count: int) -> slice:
+    """This rank's contiguous share of `count` items (all of them in one process); the shares
+    of all ranks cover every item exactly once, in order."""
+    return slice(rank() * count // world_size(), (rank() + 1) * count // world_size())
+
+
+def gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's (N_r, ...) tensor along dim 0, in rank order, on every rank;
+    the N_r may differ. Returns a CPU tensor (`rows` itself in one process)."""
+    if not is_distributed():
+        return rows
+    device = collective_device()
+    local = rows.to(device)
+    count = torch.tensor([len(local)], device=device)
+    counts = [torch.zeros_like(count) for _ in range(world_size())]
+    torch_dist.all_gather(counts, count)
+    largest = int(max(c.item() for c in counts))
+    padded = torch.zeros((largest, *local.shape[1:]), dtype=local.dtype, device=device)
+    padded[:len(local)] = local
+    pieces = [torch.empty_like(padded) for _ in range(world_size())]
+    torch_dist.all_gather(pieces, padded)
+    return torch.cat([piece[:int(c.item())] for piece, c in zip(pieces, counts)]).cpu()

@@ -101,7 +101,7 @@ class Trainer:
         self.parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(
             self.parameters, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-            weight_decay=config.weight_decay, fused=True if self.device.type == "cuda" else None)
+            weight_decay=config.weight_decay, fused=True)   # one kernel, on CPU as on CUDA
         self.train_images = torch.from_numpy(data.train)
         self.sampler = BatchSampler(len(data.train), config.batch_size, config.seed,
                                     rank=dist.rank(), world_size=dist.world_size())
