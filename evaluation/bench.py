@@ -26,7 +26,7 @@ from progvae.controllers import LagrangianController
 from progvae.data import ImageData
 from progvae.errors import UserError
 from progvae.pipeline import Pipeline
-from progvae.runs import build_model
+from progvae.runs import build_model, sampler_for
 from progvae.trainer import Trainer
 
 MODELS = ("stage1", "stage2", "vdvae", "joint")
@@ -174,21 +174,15 @@ def sampling_rate(trainer: Trainer, model: str, config: Config, device: torch.de
     """Images/s of sampling with the EMA weights: stage-one mean samples, or full pipeline
     samples (a random stage one feeds stage two) for the other models."""
     network = trainer.ema_model
-    if model == "stage1":
-        draw = network.sample
-    elif model == "stage2":
-        draw = Pipeline(trainer.objective.stage1, network).sample
-    elif model == "joint":
-        draw = network.sample
-    else:
-        def draw(n, temperature=1.0):
-            return network.head.sample(network.decode(n=n, temperature=temperature), temperature)
+    if model == "stage2":
+        network = Pipeline(trainer.objective.stage1, network)
+    draw = sampler_for(model, network)
     n = max(config.batch_size, 64 if device.type == "cpu" else 500)
-    draw(n)
+    draw(n, 1.0)
     _synchronize(device)
     started = time.perf_counter()
     for _ in range(batches):
-        draw(n)
+        draw(n, 1.0)
     _synchronize(device)
     return n * batches / (time.perf_counter() - started)
 

@@ -31,7 +31,7 @@ from progvae.checkpoint import write_json
 from progvae.data import load_data_for, to_model_input, to_uint8_images
 from progvae.errors import UserError
 from progvae.evaluation.elbo import RANK_SEED_STRIDE, heldout_metrics
-from progvae.runs import load_model, load_pipeline, seeded
+from progvae.runs import load_model, load_pipeline, sampler_for, seeded
 from progvae.trainer import default_device
 
 METRICS = ("elbo", "mse", "fid", "fid_digits", "lpips")
@@ -58,14 +58,9 @@ def parse_metrics(metrics, data_name: str) -> list[str]:
 
 @torch.no_grad()
 def sample_images(kind: str, model, n: int, temperature: float, batch_size: int) -> np.ndarray:
-    """n samples of any kind of run as uint8 NHWC: stage-one mean samples, the plain VDVAE's
-    DMoL samples, or full pipeline samples."""
-    if kind == "vdvae":
-        draw = lambda count: model.head.sample(  # noqa: E731
-            model.decode(n=count, temperature=temperature), temperature)
-    else:   # a stage-one VDVAE's mean samples, or Pipeline.sample
-        draw = lambda count: model.sample(count, temperature)  # noqa: E731
-    batches = [to_uint8_images(draw(min(batch_size, n - start)).cpu())
+    """n samples of any kind of run as uint8 NHWC (`progvae.runs.sampler_for`)."""
+    draw = sampler_for(kind, model)
+    batches = [to_uint8_images(draw(min(batch_size, n - start), temperature).cpu())
                for start in range(0, n, batch_size)]
     return np.concatenate(batches)
 
@@ -143,8 +138,9 @@ def evaluate_run(run: str | Path, data_spec: str = "", metrics=None, split: str 
         # Under torchrun each rank draws its share of the samples and extracts their
         # features; the features are gathered, so the statistics are those of all samples.
         with seeded(rank_seed, device):
-            samples = sample_images(kind, model, len(range(n_samples)[dist.shard(n_samples)]),
-                                    temperature, batch_size)
+            share = dist.shard(n_samples)
+            samples = sample_images(kind, model, share.stop - share.start, temperature,
+                                    batch_size)
         for metric, scorer in fid_scorers.items():
             features = dist.gather_rows(scorer.features(samples))
             result[metric] = scorer.score_features(features, images)

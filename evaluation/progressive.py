@@ -40,7 +40,7 @@ from progvae.evaluation.elbo import heldout_metrics
 from progvae.heads import mse_per_image
 from progvae.runs import (heldout_batch, load_model, prepare_run, seeded, write_comparison)
 from progvae.stages.stage1 import Stage1Objective
-from progvae.trainer import Trainer, default_device
+from progvae.trainer import FixedObjective, Trainer, default_device
 from progvae.vdvae import VDVAE
 
 N_FIGURE = 8   # held-out images in reconstructions.png
@@ -94,7 +94,7 @@ class MaskedCoder(nn.Module):
         return self.head.mean(self.forward(x)["output"])
 
 
-class DistortionObjective:
+class DistortionObjective(FixedObjective):
     """D_K's decoder objective: the MSE of its reconstruction, nothing else (the inference path
     is frozen, so the rate is only logged)."""
 
@@ -102,18 +102,6 @@ class DistortionObjective:
         out = model(images)
         distortion = mse_per_image(out["output"], images).mean()
         return {"loss": distortion, "distortion": distortion, "rate": out["rate"].mean()}
-
-    def after_update(self, metrics: dict[str, float]) -> None:
-        pass
-
-    def log_values(self) -> dict[str, float]:
-        return {}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 def freeze_unused(model: MaskedCoder, images: torch.Tensor, seed: int) -> None:

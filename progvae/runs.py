@@ -132,12 +132,20 @@ def load_sampler(run: str | Path, device: torch.device | str = "cpu",
     """(kind, sample(n, temperature) -> images in [-1, 1]) for any run: stage-one mean samples,
     the plain VDVAE's DMoL samples, or full pipeline samples for stage-two and joint runs."""
     config, model, info = load_model(run, device)
-    if info["stage"] == "stage1":
-        return "stage1", model.sample
-    if info["stage"] == "vdvae":
-        return "vdvae", lambda n, t: model.head.sample(model.decode(n=n, temperature=t), t)
-    pipeline = _as_pipeline(run, config, model, info, None, device)
-    return info["stage"], lambda n, t: pipeline.sample(n, t, stage1_temperature)
+    if info["stage"] == "stage2":
+        model = _as_pipeline(run, config, model, info, None, device)
+    return info["stage"], sampler_for(info["stage"], model, stage1_temperature)
+
+
+def sampler_for(kind: str, model: nn.Module, stage1_temperature: float | None = None
+                ) -> Callable[[int, float], torch.Tensor]:
+    """sample(n, temperature) -> images in [-1, 1] for a model of a `kind` of run: a stage-one
+    VDVAE's mean samples, a plain VDVAE's DMoL samples, or a Pipeline's (stage2, joint)."""
+    if kind == "stage1":
+        return model.sample
+    if kind == "vdvae":
+        return lambda n, t: model.head.sample(model.decode(n=n, temperature=t), t)
+    return lambda n, t: model.sample(n, t, stage1_temperature)
 
 
 def psnr(distortion: float) -> float:

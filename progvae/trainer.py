@@ -51,6 +51,23 @@ class Objective(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+
+class FixedObjective:
+    """Base of objectives with no state of their own (no multiplier): nothing to step after an
+    update, log or checkpoint. Subclasses define only `__call__`."""
+
+    def after_update(self, metrics: dict[str, float]) -> None:
+        pass
+
+    def log_values(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
 def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", dist.local_rank() if dist.is_distributed() else

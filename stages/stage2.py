@@ -20,11 +20,11 @@ from progvae.images import save_grid
 from progvae.pipeline import Pipeline, composite_terms
 from progvae.runs import (build_model, heldout_batch, load_model, prepare_run, psnr, seeded,
                           write_comparison)
-from progvae.trainer import Trainer, default_device
+from progvae.trainer import FixedObjective, Trainer, default_device
 from progvae.vdvae import VDVAE
 
 
-class CompositeObjective:
+class CompositeObjective(FixedObjective):
     """The negative composite ELBO in nats per dimension:
     -E[ln p(x | z, z_tilde)] + KL(q(z|x) || p(z)) + KL(q(z_tilde|x, x_tilde) || p(z_tilde|x_tilde)).
 
@@ -51,18 +51,6 @@ class CompositeObjective:
             metrics["mse"] = mse_per_image(final, images).mean()
             metrics["stage1_distortion"] = mse_per_image(terms["x_tilde"], images).mean()
         return metrics
-
-    def after_update(self, metrics: dict[str, float]) -> None:
-        pass
-
-    def log_values(self) -> dict[str, float]:
-        return {}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 def composite_summary(trainer: Trainer) -> dict:

@@ -19,11 +19,11 @@ from progvae.data import ImageData, to_uint8_images
 from progvae.heads import mse_per_image
 from progvae.images import save_grid
 from progvae.runs import build_model, heldout_batch, prepare_run, psnr, seeded, write_comparison
-from progvae.trainer import Trainer
+from progvae.trainer import FixedObjective, Trainer
 from progvae.vdvae import VDVAE
 
 
-class ElboObjective:
+class ElboObjective(FixedObjective):
     """Batch means of the negative ELBO ("loss") and its parts: "elbo", "nll" (DMoL), "rate"
     (KL); held-out evaluation adds "mse" of the DMoL mean reconstruction."""
 
@@ -36,18 +36,6 @@ class ElboObjective:
         if not model.training:
             metrics["mse"] = mse_per_image(model.head.mean(out["output"]), images).mean()
         return metrics
-
-    def after_update(self, metrics: dict[str, float]) -> None:
-        pass
-
-    def log_values(self) -> dict[str, float]:
-        return {}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 def train_vdvae(config: Config, out: str | Path, quiet: bool = False) -> dict:
