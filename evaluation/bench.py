@@ -26,11 +26,8 @@ from progvae.controllers import LagrangianController
 from progvae.data import ImageData
 from progvae.errors import UserError
 from progvae.pipeline import Pipeline
-from progvae.runs import build_model, sampler_for
+from progvae.kinds import KINDS
 from progvae.trainer import Trainer
-
-MODELS = ("stage1", "stage2", "vdvae", "joint")
-
 
 def synthetic_data(config: Config, n: int) -> ImageData:
     generator = np.random.default_rng(0)
@@ -40,19 +37,30 @@ def synthetic_data(config: Config, n: int) -> ImageData:
                      name="synthetic")
 
 
-def build_objective(kind: str, config: Config, device: torch.device):
+def _stage1_objective(config: Config, device: torch.device):
     from progvae.stages.stage1 import Stage1Objective
-    from progvae.stages.stage2 import CompositeObjective
-    from progvae.stages.vdvae import ElboObjective
+    return Stage1Objective(LagrangianController(0.01, init=0.9))
 
-    if kind == "stage1":
-        return Stage1Objective(LagrangianController(0.01, init=0.9))
-    if kind == "stage2":
-        frozen = build_model(config, "stage1").to(device).eval().requires_grad_(False)
-        return CompositeObjective(frozen)
-    if kind == "joint":
-        return CompositeObjective()
+
+def _stage2_objective(config: Config, device: torch.device):
+    from progvae.stages.stage2 import CompositeObjective
+    return CompositeObjective(KINDS["stage1"].build(config).to(device).eval().requires_grad_(False))
+
+
+def _joint_objective(config: Config, device: torch.device):
+    from progvae.stages.stage2 import CompositeObjective
+    return CompositeObjective()
+
+
+def _vdvae_objective(config: Config, device: torch.device):
+    from progvae.stages.vdvae import ElboObjective
     return ElboObjective()
+
+
+# The training objective bench times for each kind it can time (random networks, no data).
+OBJECTIVES = {"stage1": _stage1_objective, "stage2": _stage2_objective,
+              "joint": _joint_objective, "vdvae": _vdvae_objective}
+MODELS = tuple(OBJECTIVES)
 
 
 def measured_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
@@ -101,12 +109,13 @@ def run_bench(config: Config, model: str = "stage1", steps: int = 20, warmup: in
     config = dataclasses.replace(config, steps=10 ** 9, log_every=10 ** 9, eval_every=0,
                                  checkpoint_every=0)
     with tempfile.TemporaryDirectory() as scratch:
-        network = build_model(config, model)
-        trainer = Trainer(network, build_objective(model, config, torch.device("cpu")), config,
+        network = KINDS[model].build(config)
+        trainer = Trainer(network, OBJECTIVES[model](config, torch.device("cpu")), config,
                           data, Path(scratch), model, quiet=True)
         device_ = trainer.device
-        if model == "stage2":   # move the frozen stage one to where the step runs
-            trainer.objective.stage1.to(device_)
+        frozen = getattr(trainer.objective, "stage1", None)
+        if frozen is not None:   # move the frozen stage one to where the step runs
+            frozen.to(device_)
         for _ in range(warmup):
             trainer.train_step()
         _synchronize(device_)
@@ -173,10 +182,11 @@ def sampling_rate(trainer: Trainer, model: str, config: Config, device: torch.de
                   batches: int) -> float:
     """Images/s of sampling with the EMA weights: stage-one mean samples, or full pipeline
     samples (a random stage one feeds stage two) for the other models."""
+    kind = KINDS[model]
     network = trainer.ema_model
-    if model == "stage2":
+    if kind.needs_stage1_run:
         network = Pipeline(trainer.objective.stage1, network)
-    draw = sampler_for(model, network)
+    draw = lambda n, temperature: kind.sample(network, n, temperature, None)  # noqa: E731
     n = max(config.batch_size, 64 if device.type == "cpu" else 500)
     draw(n, 1.0)
     _synchronize(device)

@@ -1,103 +1,38 @@
-"""Held-out likelihood bounds and reconstruction errors, exact over a whole split.
+"""The importance-weighted bound of Burda et al. (2015) on a held-out split.
 
-For every kind of run the per-image terms are computed on every held-out image (the last,
-short batch included) and averaged, under a fixed seed, so the same weights always give the
-same numbers:
-
-| kind            | terms (nats per dimension; MSE per dimension on the [-1, 1] scale)           |
-| --------------- | ---------------------------------------------------------------------------- |
-| stage1          | rate (KL), mse (the linear head's mean) — no likelihood, so no ELBO          |
-| vdvae           | elbo = -(nll + rate), nll (DMoL), rate, mse (DMoL mean)                     |
-| stage2 / joint  | the composite ELBO of paper 003 §5 (`progvae.pipeline.composite_terms`):    |
-|                 | elbo, nll, rate (stage two's KL), stage1_rate, mse, stage1_distortion        |
-
-`group_rates` is the KL of each latent group of the (stage-one or plain) VDVAE in nats per
-dimension, top group first: R_K of paper 003 §4.1 is the sum of its first K entries.
-
-`iw_samples=K` adds the importance-weighted bound of Burda et al. (2015),
-log (1/K) sum_k p(x, z_k) / q(z_k | x) with z_k ~ q(z | x), which is >= the ELBO and tightens
-with K. It needs log q - log p at the drawn latents, which the model only returns as analytic
-KLs, so `LatentLogRatio` reads each decoder block's prior and posterior as it runs.
+log (1/K) sum_k p(x, z_k) / q(z_k | x) with z_k ~ q(z | x) is >= the ELBO, equals it in
+expectation at K = 1 and tightens with K. It needs log q - log p at the drawn latents, which the
+model only returns as analytic KLs, so `LatentLogRatio` reads each decoder block's prior and
+posterior as it runs. The single-sample ELBO, MSE and rates come from the one held-out
+evaluator, `progvae.heldout`.
 """
 
 from __future__ import annotations
 
-import collections
 import math
 
 import numpy as np
 import torch
 from torch import nn
 
-from progvae import dist
-from progvae.data import to_model_input
 from progvae.distributions import precision_weighted_merge
-from progvae.heads import mse_per_image
-from progvae.pipeline import composite_terms
-from progvae.runs import psnr, seeded
+from progvae.heldout import bits_per_dim, split_means
+from progvae.kinds import RunKind
 from progvae.vdvae import DecoderBlock
-
-KINDS_WITH_LIKELIHOOD = ("vdvae", "stage2", "joint")
-RANK_SEED_STRIDE = 7919   # rank r draws under seed + r * stride (rank 0: the one-process seed)
-
-
-def image_terms(kind: str, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-image terms (B,) of one batch (see the module docstring); `model` is a VDVAE for
-    stage1 and vdvae runs and a Pipeline for stage2 and joint runs."""
-    if kind in ("stage1", "vdvae"):
-        out = model(x)
-        terms = {"rate": out["rate"], "mse": mse_per_image(model.head.mean(out["output"]), x),
-                 "group_rates": torch.stack(out["kl"], dim=1) / model.dims_per_image}
-        if kind == "vdvae":
-            terms["nll"] = model.head.reconstruction_loss(out["output"], x)
-            terms["elbo"] = -(terms["nll"] + out["rate"])
-        return terms
-    if kind in ("stage2", "joint"):
-        terms = composite_terms(model.stage1, model.stage2, x)
-        return {"elbo": terms["elbo"], "nll": terms["nll"], "rate": terms["stage2_rate"],
-                "stage1_rate": terms["stage1_rate"],
-                "mse": mse_per_image(model.stage2.head.mean(terms["output"]), x),
-                "stage1_distortion": mse_per_image(terms["x_tilde"], x)}
-    raise ValueError(f"unknown kind of run '{kind}'")
 
 
 @torch.no_grad()
-def heldout_metrics(kind: str, model: nn.Module, images: np.ndarray, batch_size: int = 64,
-                    seed: int = 0, iw_samples: int = 0) -> dict:
-    """Means of `image_terms` over every image of `images` (uint8 NHWC), plus bpd and PSNR;
-    with `iw_samples` > 0 also "iw_elbo" (and "iw_bpd") for kinds with a likelihood."""
-    device = next(model.parameters()).device
+def importance_weighted_metrics(kind: RunKind, model: nn.Module, images: np.ndarray,
+                                batch_size: int, seed: int, n_samples: int) -> dict:
+    """{"iw_elbo", "iw_bpd", "iw_samples"} over every image of `images`; drawn under `seed`
+    + 1, so asking for the bound leaves the single-sample numbers unchanged."""
     model.eval()
-    with_bound = iw_samples > 0 and kind in KINDS_WITH_LIKELIHOOD
-    totals: dict[str, torch.Tensor] = collections.defaultdict(float)
-    # Under torchrun each rank takes its share of the images under its own seed, and the sums
-    # are added across ranks, so every image counts exactly once.
-    local = images[dist.shard(len(images))]
-    # The bound runs as a second pass under its own seed, so asking for it leaves the
-    # single-sample numbers unchanged.
-    for pass_seed, bound_pass in ((seed, False), (seed + 1, True))[:2 if with_bound else 1]:
-        with seeded(pass_seed + RANK_SEED_STRIDE * dist.rank(), device):
-            for start in range(0, len(local), batch_size):
-                x = to_model_input(torch.from_numpy(local[start:start + batch_size])).to(device)
-                if bound_pass:
-                    terms = {"iw_elbo": importance_weighted_elbo(kind, model, x, iw_samples)}
-                else:
-                    terms = image_terms(kind, model, x)
-                for name, value in terms.items():
-                    totals[name] = totals[name] + value.double().sum(0).cpu()
-    count = len(images)
-    metrics: dict = {"n_images": count}
-    for name in sorted(totals):   # the same order on every rank, for the collectives
-        total = dist.sum_across_ranks(totals[name].to(dist.collective_device())).cpu()
-        mean = total / count
-        metrics[name] = mean.tolist() if mean.dim() else float(mean)
-    for name in ("elbo", "iw_elbo"):
-        if name in metrics:
-            metrics[name.replace("elbo", "bpd")] = -metrics[name] / math.log(2)
-    metrics["psnr"] = psnr(metrics["mse"])
-    if with_bound:
-        metrics["iw_samples"] = iw_samples
-    return metrics
+    device = next(model.parameters()).device
+    means = split_means(
+        lambda x: {"iw_elbo": importance_weighted_elbo(kind, model, x, n_samples)},
+        images, batch_size, seed + 1, device)
+    return {"iw_elbo": means["iw_elbo"], "iw_bpd": bits_per_dim(means["iw_elbo"]),
+            "iw_samples": n_samples}
 
 
 class LatentLogRatio:
@@ -157,7 +92,7 @@ def _log_normal(z: torch.Tensor, mean: torch.Tensor, logstd: torch.Tensor) -> to
     return -0.5 * ((z - mean) * torch.exp(-logstd)) ** 2 - logstd
 
 
-def importance_weighted_elbo(kind: str, model: nn.Module, x: torch.Tensor,
+def importance_weighted_elbo(kind: RunKind, model: nn.Module, x: torch.Tensor,
                              n_samples: int) -> torch.Tensor:
     """The K-sample importance-weighted bound (Burda et al. 2015) per image, (B,) in nats per
     dimension: log mean_k exp(log p(x | z_k) - [log q(z_k | x) - log p(z_k)])."""
@@ -165,7 +100,7 @@ def importance_weighted_elbo(kind: str, model: nn.Module, x: torch.Tensor,
     log_weights = []
     for _ in range(n_samples):
         with LatentLogRatio(model) as ratio:
-            terms = image_terms(kind, model, x)
+            terms = kind.terms(model, x)
         log_weights.append(-terms["nll"].double() * dims - ratio.total.double())
     stacked = torch.stack(log_weights, dim=1)                     # (B, K) in nats
     return ((torch.logsumexp(stacked, dim=1) - math.log(n_samples)) / dims).float()

@@ -9,7 +9,7 @@
 | `fid_digits` | FID on digit-classifier features, for `--data=digits` only        |
 | `lpips`      | LPIPS (AlexNet) of held-out images against their reconstructions  |
 
-Every metric applies to every kind of run (stage1, stage2, joint, vdvae).
+Every metric applies to every kind of run (`progvae.kinds`).
 
 ELBO and MSE cover the whole split exactly; FID compares `n_samples` samples with the whole
 split; LPIPS covers the whole split. Weights that cannot be found fail before any work.
@@ -30,8 +30,10 @@ from progvae import dist
 from progvae.checkpoint import write_json
 from progvae.data import load_data_for, to_model_input, to_uint8_images
 from progvae.errors import UserError
-from progvae.evaluation.elbo import RANK_SEED_STRIDE, heldout_metrics
-from progvae.runs import load_model, load_pipeline, sampler_for, seeded
+from progvae.evaluation.elbo import importance_weighted_metrics
+from progvae.heldout import HELDOUT_SEED, RANK_SEED_STRIDE, heldout_metrics, seeded
+from progvae.kinds import RunKind
+from progvae.runs import load_scored
 from progvae.trainer import default_device
 
 METRICS = ("elbo", "mse", "fid", "fid_digits", "lpips")
@@ -57,51 +59,52 @@ def parse_metrics(metrics, data_name: str) -> list[str]:
 
 
 @torch.no_grad()
-def sample_images(kind: str, model, n: int, temperature: float, batch_size: int) -> np.ndarray:
-    """n samples of any kind of run as uint8 NHWC (`progvae.runs.sampler_for`)."""
-    draw = sampler_for(kind, model)
-    batches = [to_uint8_images(draw(min(batch_size, n - start), temperature).cpu())
+def sample_images(kind: RunKind, model, n: int, temperature: float, batch_size: int
+                  ) -> np.ndarray:
+    """n samples of the kind's scored model as uint8 NHWC."""
+    batches = [to_uint8_images(kind.sample(model, min(batch_size, n - start), temperature,
+                                           None).cpu())
                for start in range(0, n, batch_size)]
     return np.concatenate(batches)
 
 
 @torch.no_grad()
-def reconstructions(kind: str, model, images: np.ndarray, batch_size: int
+def reconstructions(kind: RunKind, model, images: np.ndarray, batch_size: int
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Reconstructions of every image (B, C, H, W) in [-1, 1], and for pipelines stage one's
-    x_tilde as well (else None)."""
+    """Reconstructions of every image (B, C, H, W) in [-1, 1], and for two-stage kinds stage
+    one's x_tilde as well (else None)."""
     device = next(model.parameters()).device
     finals, firsts = [], []
     for start in range(0, len(images), batch_size):
         x = to_model_input(torch.from_numpy(images[start:start + batch_size])).to(device)
-        if kind in ("stage2", "joint"):
-            x_tilde, final = model.progressive(x)
-            firsts.append(x_tilde.cpu())
-        else:
-            final = model.reconstruct(x)
+        final, x_tilde = kind.reconstruct(model, x)
         finals.append(final.cpu())
+        if x_tilde is not None:
+            firsts.append(x_tilde.cpu())
     return torch.cat(finals), (torch.cat(firsts) if firsts else None)
 
 
 def evaluate_run(run: str | Path, data_spec: str = "", metrics=None, split: str = "test",
-                 n_samples: int = 10_000, iw_samples: int = 0, batch_size: int = 64,
+                 n_samples: int = 10_000, iw_samples: int = 0, batch_size: int | None = None,
                  inception_weights: str = "", lpips_weights: str = "",
-                 temperature: float = 1.0, seed: int = 0, dist_timeout: float = 1800.0) -> dict:
-    """Compute the metrics, merge them into RUN/eval.json and return them. Under torchrun
+                 temperature: float = 1.0, seed: int = HELDOUT_SEED,
+                 dist_timeout: float = 1800.0) -> dict:
+    """Compute the metrics, merge them into RUN/eval.json and return them. ELBO and MSE come
+    from the one held-out evaluator with the run's eval_batch_size and seed 0 unless given, so
+    they equal the run's summary.json on the same checkpoint. Under torchrun
     the held-out images, the samples and the LPIPS pairs are split between the ranks and
     their sums (or, for FID, their features) gathered; rank 0 writes eval.json."""
     if split not in ("test", "train"):
         raise UserError(f"--split must be test or train, got '{split}'.")
     for name, value, smallest in (("n_samples", n_samples, 1), ("iw_samples", iw_samples, 0),
-                                  ("batch_size", batch_size, 1)):
+                                  ("batch_size", 1 if batch_size is None else batch_size, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < smallest:
             raise UserError(f"--{name} must be an integer >= {smallest}, got {value!r}.")
     dist.setup(dist_timeout)   # under torchrun: the work is shared between the ranks
     device = default_device()
-    config, model, info = load_model(run, device)
-    kind = info["stage"]
-    if kind not in ("stage1", "vdvae", "stage2", "joint"):
-        raise UserError(f"'{run}' is a {kind} run, which evaluate does not know how to score.")
+    config, model, info = load_scored(run, device)
+    kind = info["kind"]
+    batch_size = batch_size or config.eval_batch_size
     data_spec = data_spec or config.data
     names = parse_metrics(metrics, data_spec)
     # Every scorer is built (and its weights found) before any long computation.
@@ -121,18 +124,19 @@ def evaluate_run(run: str | Path, data_spec: str = "", metrics=None, split: str 
         raise UserError(f"'{run}' models {config.image_size}x{config.image_size} images with "
                         f"{config.image_channels} channel(s) but --data={data.name} does not; pass "
                         "the data it was trained on.")
-    if kind == "stage2":
-        model = load_pipeline(run, device=device)
 
     images = data.test if split == "test" else data.train
     if len(images) < dist.world_size():
         raise UserError(f"The {split} split has {len(images)} images, fewer than the "
                         f"{dist.world_size()} processes; run with fewer processes.")
     started = time.perf_counter()
-    result: dict = {"run": str(run), "kind": kind, "step": info["step"], "data": data.name,
+    result: dict = {"run": str(run), "kind": kind.name, "step": info["step"], "data": data.name,
                     "split": split, "n_images": len(images)}
     if "elbo" in names or "mse" in names:
-        result.update(heldout_metrics(kind, model, images, batch_size, seed, iw_samples))
+        result.update(heldout_metrics(kind, model, images, batch_size, seed))
+        if iw_samples > 0 and kind.has_likelihood:
+            result.update(importance_weighted_metrics(kind, model, images, batch_size, seed,
+                                                      iw_samples))
     rank_seed = seed + RANK_SEED_STRIDE * dist.rank()
     if fid_scorers:
         # Under torchrun each rank draws its share of the samples and extracts their

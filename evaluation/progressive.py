@@ -21,26 +21,27 @@ directories), `table.json`, `table.md` (the shape of Table 1) and `reconstructio
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from progvae import dist
 from progvae.checkpoint import write_json
 from progvae.config import apply_overrides
-from progvae.controllers import build_controller, constraint_summary
-from progvae.data import ImageData, load_data_for, to_uint8_images
+from progvae.controllers import build_controller
+from progvae.data import ImageData, load_data_for, to_model_input, to_uint8_images
 from progvae.errors import UserError
-from progvae.evaluation.elbo import heldout_metrics
 from progvae.heads import mse_per_image
-from progvae.runs import (heldout_batch, load_model, prepare_run, seeded, write_comparison)
-from progvae.stages.stage1 import Stage1Objective
-from progvae.trainer import FixedObjective, Trainer, default_device
+from progvae.heldout import HELDOUT_SEED, heldout_metrics, seeded
+from progvae.kinds import KINDS
+from progvae.loop import Recipe, train_run, write_comparison
+from progvae.masked_coder import MaskedCoder
+from progvae.runs import load_model
+from progvae.stages.stage1 import Stage1Objective, controller_summary
+from progvae.trainer import FixedObjective, default_device
 from progvae.vdvae import VDVAE
 
 N_FIGURE = 8   # held-out images in reconstructions.png
@@ -63,35 +64,6 @@ def groups_up_to(model: VDVAE, max_resolution: int) -> int:
             f"groups (resolutions {sorted(set(resolutions))}); pick a resolution that keeps some "
             "groups and leaves some out.")
     return k
-
-
-class MaskedCoder(nn.Module):
-    """A lossy compressor on the first K latent groups of a VDVAE (paper 003 §3.1, A.2).
-
-    `inference` gives q(z_{1:K} | x) and p(z_{1:K}) (its encoder and the top of its top-down
-    path); `decoder` and `head` (a fresh VDVAE decoder and linear head) decode z_{1:K} with the
-    later groups at their prior means. `forward(x)` returns {"output": x_hat (B, C, H, W),
-    "rate": (B,) KL of the first K groups in nats per dimension, "kl", "latents"}; `head` is the
-    linear head, so stage one's rate-distortion objective trains it unchanged.
-    """
-
-    def __init__(self, inference: VDVAE, decoder_source: VDVAE, n_groups: int):
-        super().__init__()
-        self.inference = inference
-        self.decoder = decoder_source.decoder
-        self.head = decoder_source.head
-        self.n_groups = n_groups
-
-    def forward(self, x: torch.Tensor) -> dict:
-        inferred = self.inference(x)
-        latents, kl = inferred["latents"][:self.n_groups], inferred["kl"][:self.n_groups]
-        rate = torch.stack(kl, dim=1).sum(1) / self.inference.dims_per_image
-        features = self.decoder(latents=latents, temperature=0.0)["features"]
-        return {"output": self.head(features), "rate": rate, "kl": kl, "latents": latents}
-
-    @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head.mean(self.forward(x)["output"])
 
 
 class DistortionObjective(FixedObjective):
@@ -118,10 +90,10 @@ def freeze_unused(model: MaskedCoder, images: torch.Tensor, seed: int) -> None:
 
 
 def first_groups_rate(model: VDVAE, images: np.ndarray, n_groups: int, batch_size: int,
-                      seed: int) -> tuple[float, dict]:
+                      seed: int = HELDOUT_SEED) -> tuple[float, dict]:
     """(R_K, all held-out metrics of the VDVAE): R_K = the sum of the first K groups' mean KLs
     per dimension over every image of `images`."""
-    metrics = heldout_metrics("vdvae", model, images, batch_size, seed)
+    metrics = heldout_metrics(KINDS["vdvae"], model, images, batch_size, seed)
     return float(sum(metrics["group_rates"][:n_groups])), metrics
 
 
@@ -133,7 +105,7 @@ def run_progressive(vdvae_run: str | Path, out: str | Path, data_spec: str = "",
         raise UserError("Pass --out=DIR, the folder for the experiment's runs and table.")
     device = default_device()
     config, vdvae, info = load_model(vdvae_run, device)
-    if info["stage"] != "vdvae":
+    if info["kind"] is not KINDS["vdvae"]:
         raise UserError(f"--run='{vdvae_run}' is a {info['stage']} run; the progressive-coding "
                         "experiment needs a plain VDVAE run (python -m progvae vdvae).")
     if not info["finished"]:
@@ -158,8 +130,7 @@ def run_progressive(vdvae_run: str | Path, out: str | Path, data_spec: str = "",
     started = time.perf_counter()
     data = load_data_for(config)
     check_data(data)
-    rate_k, conventional = first_groups_rate(vdvae, data.test, n_groups, config.eval_batch_size,
-                                             config.seed)
+    rate_k, conventional = first_groups_rate(vdvae, data.test, n_groups, config.eval_batch_size)
     if not rate_k > 0:
         raise UserError(f"The VDVAE's first {n_groups} latent groups carry no information "
                         f"(R_K = {rate_k:.3g} nats/dim: posterior collapse), so there is no rate "
@@ -168,17 +139,20 @@ def run_progressive(vdvae_run: str | Path, out: str | Path, data_spec: str = "",
                 f"{max_resolution}); R_K = {rate_k:.5f} nats/dim on the held-out split.")
 
     # D_K: a new masked decoder on z_{1:K} from the frozen VDVAE.
-    decoder_config, decoder_data, decoder_dir = prepare_run(
-        config, out / "conventional_decoder", "progressive_decoder", check_data)
-    coder = MaskedCoder(copy.deepcopy(vdvae).requires_grad_(False),
-                        VDVAE(decoder_config, head="linear"), n_groups).to(device)
-    probe = heldout_batch(decoder_data, decoder_config.batch_size, device)[1]
-    freeze_unused(coder, probe, config.seed)
-    decoder_trainer = Trainer(coder, DistortionObjective(), decoder_config, decoder_data,
-                              decoder_dir, "progressive_decoder", quiet)
-    decoder_trainer.resume()
-    decoder_trainer.fit()
-    decoder_heldout = decoder_trainer.evaluate()
+    coder_config = dataclasses.replace(config, latent_groups=n_groups)
+
+    def with_vdvae(trainable: bool):
+        def prepare(coder: MaskedCoder, data: ImageData) -> None:
+            coder.inference.load_state_dict(vdvae.state_dict())
+            coder.inference.requires_grad_(trainable)
+            probe = to_model_input(torch.from_numpy(data.test[:config.batch_size]))
+            freeze_unused(coder, probe, config.seed)
+        return prepare
+
+    decoder_summary, decoder_trainer = train_run(
+        KINDS["progressive_decoder"], coder_config, out / "conventional_decoder",
+        Recipe(DistortionObjective(), check_data=check_data, prepare_model=with_vdvae(False),
+               quiet=quiet))
 
     # Gamma-optimal: the VDVAE's inference path, now trainable, paired with a masked decoder
     # from the same fresh initialisation, trained jointly on min D s.t. R <= R_K. Both
@@ -187,25 +161,20 @@ def run_progressive(vdvae_run: str | Path, out: str | Path, data_spec: str = "",
                        "multiplier_init": (config.multiplier_init
                                            if "multiplier_init" in (overrides or {})
                                            else GAMMA_MULTIPLIER_INIT)}
-    gamma_config, gamma_data, gamma_dir = prepare_run(
-        dataclasses.replace(config, **gamma_overrides), out / "gamma_optimal",
-        "progressive_gamma", check_data)
+    gamma_config = dataclasses.replace(coder_config, **gamma_overrides)
     controller = build_controller(gamma_config)
-    gamma = MaskedCoder(copy.deepcopy(vdvae).requires_grad_(True),
-                        VDVAE(gamma_config, head="linear"), n_groups).to(device)
-    freeze_unused(gamma, probe, config.seed)
-    gamma_trainer = Trainer(gamma, Stage1Objective(controller), gamma_config, gamma_data,
-                            gamma_dir, "progressive_gamma", quiet)
-    gamma_trainer.resume()
-    gamma_trainer.fit()
-    gamma_heldout = gamma_trainer.evaluate()
+    gamma_summary, gamma_trainer = train_run(
+        KINDS["progressive_gamma"], gamma_config, out / "gamma_optimal",
+        Recipe(Stage1Objective(controller), check_data=check_data,
+               prepare_model=with_vdvae(True), quiet=quiet,
+               summary=controller_summary(controller, gamma_config.constraint_tolerance)))
 
     table = {
         "data": data.name, "vdvae_run": str(vdvae_run), "vdvae_steps": info["step"],
         "vdvae_elbo": conventional["elbo"], "vdvae_bpd": conventional["bpd"],
         "max_resolution": max_resolution, "K": n_groups, "n_groups": vdvae.n_groups,
-        "R_K": rate_k, "D_K": decoder_heldout["distortion"],
-        "R_prime_K": gamma_heldout["rate"], "lambda_star_upper": gamma_heldout["distortion"],
+        "R_K": rate_k, "D_K": decoder_summary["distortion"],
+        "R_prime_K": gamma_summary["rate"], "lambda_star_upper": gamma_summary["distortion"],
         "D_T": conventional["mse"],
         "gamma_multiplier": controller.multiplier,
         "decoder_steps": decoder_trainer.step, "decoder_seconds": round(decoder_trainer.elapsed, 1),
@@ -213,15 +182,6 @@ def run_progressive(vdvae_run: str | Path, out: str | Path, data_spec: str = "",
         "seconds": round(time.perf_counter() - started, 1),
     }
     if dist.is_main():
-        write_json({**decoder_trainer.run_facts(), "rate": decoder_heldout["rate"],
-                    "distortion": decoder_heldout["distortion"]}, decoder_dir / "summary.json")
-        write_json({**gamma_trainer.run_facts(), "rate": gamma_heldout["rate"],
-                    "distortion": gamma_heldout["distortion"],
-                    "multiplier": controller.multiplier,
-                    **constraint_summary(controller, gamma_heldout["rate"],
-                                         gamma_heldout["distortion"],
-                                         gamma_config.constraint_tolerance)},
-                   gamma_dir / "summary.json")
         write_json(table, out / "table.json")
         (out / "table.md").write_text(table_markdown(table))
         write_figure(decoder_trainer.ema_model, gamma_trainer.ema_model, data,
@@ -258,7 +218,8 @@ def write_figure(conventional: MaskedCoder, gamma: MaskedCoder, data: ImageData,
     gamma-optimal ones, as aligned rows."""
     device = next(conventional.parameters()).device
     with seeded(seed, device):
-        originals, x = heldout_batch(data, N_FIGURE, device)
+        originals = data.test[:N_FIGURE]
+        x = to_model_input(torch.from_numpy(originals)).to(device)
         rows = [originals] + [to_uint8_images(model.reconstruct(x).cpu())
                               for model in (conventional, gamma)]
     write_comparison(rows, path)

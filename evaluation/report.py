@@ -22,16 +22,16 @@ from pathlib import Path
 
 from progvae.checkpoint import atomic_write_text, write_json
 from progvae.errors import UserError
+from progvae.kinds import KINDS
 
 IMAGES = ("samples.png", "reconstructions.png", "rd.png", "multipliers.png")
-KIND_LABELS = {"joint": "conventional (joint ELBO)", "stage2": "two-stage (progressive coding)",
-               "vdvae": "plain VDVAE (ELBO)", "stage1": "stage one (distortion-targeted)"}
+EXPERIMENT = "progressive experiment"   # a folder of the progressive experiment, not a run
 
 
 def read_run(path: Path) -> dict:
     """What the report shows of one run directory (or progressive-experiment folder)."""
     if (path / "table.json").is_file() and not (path / "config.json").is_file():
-        return {"path": path, "kind": "progressive",
+        return {"path": path, "kind": EXPERIMENT,
                 "table": json.loads((path / "table.json").read_text()),
                 "table_md": (path / "table.md").read_text() if (path / "table.md").is_file()
                 else ""}
@@ -46,6 +46,16 @@ def read_run(path: Path) -> dict:
         values.update(evaluated)
     return {"path": path, "kind": config.get("stage", "?"), "data": config.get("data"),
             "values": values, "evaluated": bool(evaluated)}
+
+
+def _role(run: dict) -> str | None:
+    kind = KINDS.get(run["kind"])
+    return kind.table2_role if kind else None
+
+
+def _label(run: dict) -> str:
+    kind = KINDS.get(run["kind"])
+    return kind.label if kind else run["kind"]
 
 
 def _read_json(path: Path) -> dict:
@@ -79,8 +89,8 @@ def runs_table(runs: list[dict]) -> list[str]:
 
 def table2(runs: list[dict]) -> list[str]:
     """Paper 003 Table 2's shape for the first joint and the first stage2 run."""
-    joint = next((run for run in runs if run["kind"] == "joint"), None)
-    two_stage = next((run for run in runs if run["kind"] == "stage2"), None)
+    joint = next((run for run in runs if _role(run) == "conventional"), None)
+    two_stage = next((run for run in runs if _role(run) == "two-stage"), None)
     if joint is None or two_stage is None:
         return []
     fid_key = next((key for key in ("fid", "fid_digits")
@@ -118,8 +128,8 @@ def write_report(run_paths: list[str], out: str | Path, sweep: str = "",
     sweep_rows = lpips_against_mse(Path(sweep), lpips_weights) if sweep else None
     out.mkdir(parents=True, exist_ok=True)
 
-    runs = [entry for entry in entries if entry["kind"] != "progressive"]
-    experiments = [entry for entry in entries if entry["kind"] == "progressive"]
+    runs = [entry for entry in entries if entry["kind"] != EXPERIMENT]
+    experiments = [entry for entry in entries if entry["kind"] == EXPERIMENT]
     lines = ["# progvae report", ""]
     if runs:
         lines += ["## Runs", "", *runs_table(runs), "",
@@ -148,7 +158,7 @@ def write_report(run_paths: list[str], out: str | Path, sweep: str = "",
     for run in runs:
         images = [name for name in IMAGES if (run["path"] / name).is_file()]
         if images:
-            lines += [f"### {run['path'].name} ({KIND_LABELS.get(run['kind'], run['kind'])})", ""]
+            lines += [f"### {run['path'].name} ({_label(run)})", ""]
             lines += [f"[{name}]({_link(run['path'] / name, out)})  \n"
                       f"![{name}]({_link(run['path'] / name, out)})" for name in images]
             lines.append("")
@@ -165,7 +175,8 @@ def lpips_against_mse(sweep: Path, lpips_weights: str = "") -> list[dict]:
     from progvae.data import load_data_for, to_model_input
     from progvae.evaluation.evaluate import mean_lpips, reconstructions
     from progvae.evaluation.lpips_metric import LpipsScorer
-    from progvae.runs import load_model, seeded
+    from progvae.heldout import seeded
+    from progvae.runs import load_scored
     from progvae.trainer import default_device
 
     run_dirs = sorted(path for path in sweep.glob("target_*") if path.is_dir())
@@ -175,10 +186,10 @@ def lpips_against_mse(sweep: Path, lpips_weights: str = "") -> list[dict]:
     scorer = LpipsScorer(lpips_weights or None, device)
     rows = []
     for run_dir in run_dirs:
-        config, model, info = load_model(run_dir, device)
+        config, model, info = load_scored(run_dir, device)
         data = load_data_for(config)
         with seeded(config.seed, device):
-            reconstructed, _ = reconstructions(info["stage"], model, data.test,
+            reconstructed, _ = reconstructions(info["kind"], model, data.test,
                                                config.eval_batch_size)
         originals = to_model_input(torch.from_numpy(data.test))
         summary = _read_json(run_dir / "summary.json")

@@ -39,7 +39,9 @@ from progvae.controllers import (CONTROLLERS, TARGET_FIELDS, build_controller,
 from progvae.data import load_data_for, to_uint8_images
 from progvae.errors import UserError
 from progvae.images import save_rows
-from progvae.runs import heldout_batch, load_model, seeded
+from progvae.data import to_model_input
+from progvae.heldout import seeded
+from progvae.runs import load_model
 from progvae.stages.stage1 import train_stage1
 from progvae.trainer import default_device
 
@@ -216,7 +218,8 @@ def write_reconstructions(config: Config, run_dirs: list[Path], path: Path,
     for run_dir in run_dirs:
         run_config, model, _ = load_model(run_dir, device)
         with seeded(run_config.seed, device):
-            originals, x = heldout_batch(data, n, device)
+            originals = data.test[:n]
+            x = to_model_input(torch.from_numpy(originals)).to(device)
             if not rows:
                 rows.append(originals)
             rows.append(to_uint8_images(model.reconstruct(x).cpu()))

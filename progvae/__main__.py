@@ -214,7 +214,7 @@ def data(data: str = "", image_size: int = 0, out: str = "preview.png", n: int =
 
 
 def evaluate(run: str = "", data: str = "", metrics=None, split: str = "test",
-             n_samples: int = 10_000, iw_samples: int = 0, batch_size: int = 64,
+             n_samples: int = 10_000, iw_samples: int = 0, batch_size: int | None = None,
              inception_weights: str = "", lpips_weights: str = "", temperature: float = 1.0,
              seed: int = 0, num_threads: int = 0, dist_timeout: float = 1800.0) -> None:
     """Score a trained run (stage1, stage2, joint or vdvae) and write RUN/eval.json.
@@ -224,7 +224,9 @@ def evaluate(run: str = "", data: str = "", metrics=None, split: str = "test",
              --lpips_weights=alexnet-owt-7be5be79.pth
     --metrics from elbo, mse, fid, fid_digits, lpips (default: elbo,mse,fid,lpips; on
     --data=digits elbo,mse,fid_digits). ELBO/bits-per-dim and MSE cover the whole --split
-    (test or train) exactly; --iw_samples=K adds the K-sample importance-weighted bound. FID
+    (test or train) exactly, in batches of --batch_size (default: the run's eval_batch_size)
+    under --seed=0: the numbers of the run's summary.json for the same checkpoint.
+    --iw_samples=K adds the K-sample importance-weighted bound. FID
     compares --n_samples samples at --temperature with the whole split (Inception-v3 through
     torch-fidelity; reference statistics cached). fid_digits uses a small digit classifier's
     features instead and is not comparable with FID. LPIPS (AlexNet) compares held-out images

@@ -78,6 +78,7 @@ class Config:
 
     # --- stage two ----------------------------------------------------------------------------
     stage1: str = ""                # the stage-one run directory stage two is trained on
+    latent_groups: int = 0          # progressive runs: the leading latent groups coded (K)
 
     # --- bookkeeping --------------------------------------------------------------------------
     log_every: int = 50             # steps between metrics.jsonl lines
@@ -104,7 +105,7 @@ class Config:
 
 ARCHITECTURE_FIELDS = (
     "image_size", "image_channels", "enc_blocks", "dec_blocks", "width", "custom_width", "zdim",
-    "bottleneck_multiple", "precision_weighted_merge", "n_mixtures",
+    "bottleneck_multiple", "precision_weighted_merge", "n_mixtures", "latent_groups",
 )
 
 

@@ -11,9 +11,6 @@ all in nats per dimension here.
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
-
 import torch
 from torch import nn
 
@@ -38,7 +35,8 @@ def composite_terms(stage1: VDVAE, stage2: VDVAE, x: torch.Tensor) -> dict[str, 
 class Pipeline(nn.Module):
     """Stage one and stage two chained: sample, reconstruct, composite ELBO, progressive decoding.
 
-    Works on CPU and GPU and needs no dataset to sample. Build it with `Pipeline.from_runs`.
+    Works on CPU and GPU and needs no dataset to sample. Load one from run directories with
+    `progvae.runs.load_pipeline`.
     """
 
     def __init__(self, stage1: VDVAE, stage2: VDVAE):
@@ -48,14 +46,6 @@ class Pipeline(nn.Module):
             raise ValueError("stage one and stage two must model images of the same shape")
         self.stage1 = stage1
         self.stage2 = stage2
-
-    @classmethod
-    def from_runs(cls, run: str | Path, stage1_run: str | Path | None = None,
-                  device: torch.device | str = "cpu") -> "Pipeline":
-        """From a stage-two run (which records its stage-one run), a stage-two run and an
-        explicit stage-one run, or a `joint` run (which holds both networks)."""
-        from progvae.runs import load_pipeline
-        return load_pipeline(run, stage1_run, device)
 
     @property
     def device(self) -> torch.device:
@@ -87,7 +77,3 @@ class Pipeline(nn.Module):
     def elbo(self, x: torch.Tensor) -> torch.Tensor:
         """Composite ELBO per image, (B,) in nats per dimension (bits/dim = -elbo / ln 2)."""
         return composite_terms(self.stage1, self.stage2, x)["elbo"]
-
-
-def bits_per_dim(elbo_nats_per_dim: float) -> float:
-    return -elbo_nats_per_dim / math.log(2)

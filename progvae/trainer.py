@@ -1,8 +1,8 @@
 """The stage-agnostic training engine.
 
-A stage hands the trainer a model and an objective; the trainer owns everything else: Adam,
-warm-up, clipping, update skipping, the parameter EMA, held-out evaluation, logs, checkpoints,
-exact resumption and the progress bar. It is written for one process and stays correct under
+A stage hands the trainer a model and an objective; the trainer owns the updates: Adam,
+warm-up, clipping, update skipping, the parameter EMA, logs, checkpoints, exact resumption and
+the progress bar. `progvae.loop.train_run` drives it and evaluates the result. It is written for one process and stays correct under
 torchrun, where every rank makes the same decisions (see progvae.dist).
 """
 
@@ -13,11 +13,13 @@ import contextlib
 import copy
 import json
 import math
+import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -127,6 +129,9 @@ class Trainer:
         self.recent_skips: collections.deque[bool] = collections.deque(maxlen=SKIP_WINDOW)
         self.window: dict[str, float] = collections.defaultdict(float)
         self.elapsed = 0.0   # training seconds summed over every (resumed) process
+        # Held-out evaluation every config.eval_every steps (progvae.loop sets the one
+        # held-out evaluator here); None: no periodic evaluation.
+        self.evaluate_heldout: Callable[[], dict[str, float]] | None = None
 
     # ---------------------------------------------------------------------------------------
     # checkpoints
@@ -272,39 +277,6 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------
     # evaluation
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
-        """Mean metrics over the whole held-out split (EMA weights unless `model` is given).
-
-        Each rank takes a contiguous shard; sums and counts are added over ranks, so every
-        held-out image counts exactly once. Runs under a forked RNG with a fixed seed, so
-        evaluating never changes the training trajectory."""
-        model = self.ema_model if model is None else model
-        model.eval()
-        shard = np.array_split(np.arange(len(self.data.test)), dist.world_size())[dist.rank()]
-        test = torch.from_numpy(self.data.test[shard])
-        names: list[str] = []
-        totals: torch.Tensor | None = None
-        devices = [self.device.index] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.config.seed + 1 + dist.rank())
-            for start in range(0, len(test), self.config.eval_batch_size):
-                batch = test[start:start + self.config.eval_batch_size]
-                metrics = self.objective(model, to_model_input(batch).to(self.device))
-                names = list(metrics)
-                sums = torch.stack([metrics[name].detach().float() for name in names]) * len(batch)
-                totals = sums if totals is None else totals + sums
-        if totals is None:   # more ranks than held-out images: this rank contributes nothing
-            names = self._metric_names(model)
-            totals = torch.zeros(len(names), device=self.device)
-        count = dist.sum_across_ranks(torch.tensor(float(len(test)), device=self.device))
-        totals = dist.sum_across_ranks(totals) / count
-        return dict(zip(names, totals.tolist()))
-
-    def _metric_names(self, model: nn.Module) -> list[str]:
-        one = to_model_input(torch.from_numpy(self.data.test[:1])).to(self.device)
-        return list(self.objective(model, one))
-
     def run_facts(self) -> dict:
         """What every summary.json reports about the training itself."""
         return {
@@ -324,6 +296,7 @@ class Trainer:
         bar = tqdm(total=config.steps, initial=self.step, desc=self.stage, dynamic_ncols=True,
                    disable=self.quiet or not dist.is_main(), file=sys.stdout, mininterval=1.0)
         warned_at = -SKIP_WINDOW
+        first_step = self.step
         started = time.perf_counter()
         offset = self.elapsed
         while self.step < config.steps:
@@ -344,13 +317,15 @@ class Trainer:
                           f"were skipped (grad norm over skip_threshold={config.skip_threshold} or "
                           "a non-finite loss); training is stalling. Lower lr, raise "
                           "skip_threshold, or check the data.")
-            if config.eval_every > 0 and self.step % config.eval_every == 0 \
-                    and self.step < config.steps:
-                self.log_heldout(self.evaluate())
+            if (self.evaluate_heldout is not None and config.eval_every > 0
+                    and self.step % config.eval_every == 0 and self.step < config.steps):
+                self.log_heldout(self.evaluate_heldout())
             if config.checkpoint_every > 0 and self.step % config.checkpoint_every == 0:
                 self.save_checkpoint()
+            _injected_fault(self.step)
         bar.close()
-        self.save_checkpoint()
+        if self.step > first_step:   # a finished run started again is left as it was
+            self.save_checkpoint()
 
     def accumulate(self, values: dict[str, float]) -> None:
         self.window["count"] += 1
@@ -382,6 +357,22 @@ class Trainer:
     def warn(self, message: str) -> None:
         if dist.is_main():
             tqdm.write(message, file=sys.stderr)
+
+
+FAULT_VARIABLE = "PROGVAE_TEST_KILL_AT"
+
+
+def _injected_fault(step: int) -> None:
+    """Deterministic fault injection for the tests: with PROGVAE_TEST_KILL_AT=STEP (or
+    STEP:RANK) the process (of that rank) kills itself with SIGKILL right after finishing update
+    STEP, on the first attempt of a torchrun job only, so a restarted job runs through."""
+    spec = os.environ.get(FAULT_VARIABLE)
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    at_step, _, at_rank = spec.partition(":")
+    if step == int(at_step) and (not at_rank or int(at_rank) == dist.rank()):
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _truncate_log(path: Path, last_step: int) -> None:

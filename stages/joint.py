@@ -5,27 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from progvae import dist
-from progvae.checkpoint import write_json
 from progvae.config import Config
-from progvae.runs import build_model, prepare_run
-from progvae.stages.stage2 import CompositeObjective, composite_summary, write_pipeline_images
-from progvae.trainer import Trainer
+from progvae.kinds import KINDS
+from progvae.loop import Recipe, train_run
+from progvae.stages.stage2 import CompositeObjective
 
 
 def train_joint(config: Config, out: str | Path, quiet: bool = False) -> dict:
-    config, data, out_dir = prepare_run(config, out, "joint")
-    model = build_model(config, "joint")
-    two_stage = sum(p.numel() for stage in ("stage1", "stage2")
-                    for p in build_model(config, stage).parameters())
-    assert sum(p.numel() for p in model.parameters()) == two_stage, \
-        "the joint baseline must have exactly the two-stage model's parameters"
-    trainer = Trainer(model, CompositeObjective(), config, data, out_dir, "joint", quiet)
-    trainer.resume()
-    trainer.fit()
-    summary = composite_summary(trainer)
-    if dist.is_main():
-        write_json(summary, out_dir / "summary.json")
-        write_pipeline_images(trainer.ema_model, data, out_dir, config.n_grid, config.seed)
-    dist.barrier()
+    """Train (or continue) a joint run in `out`; returns the held-out summary. The Pipeline it
+    trains has exactly the two-stage model's parameters (KINDS["joint"].build)."""
+    summary, _ = train_run(KINDS["joint"], config, out, Recipe(CompositeObjective(), quiet=quiet))
     return summary

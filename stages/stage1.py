@@ -9,15 +9,11 @@ from pathlib import Path
 import torch
 
 from progvae import dist
-from progvae.checkpoint import write_json
 from progvae.config import Config
 from progvae.controllers import (build_controller, check_same_controller, constraint_summary,
                                   constraint_warning)
-from progvae.data import ImageData, to_uint8_images
-from progvae.images import save_grid
-from progvae.runs import build_model, heldout_batch, prepare_run, psnr, seeded, write_comparison
-from progvae.trainer import Trainer
-from progvae.vdvae import VDVAE
+from progvae.kinds import KINDS
+from progvae.loop import Recipe, train_run
 
 
 class Stage1Objective:
@@ -26,7 +22,7 @@ class Stage1Objective:
     def __init__(self, controller):
         self.controller = controller
 
-    def __call__(self, model: VDVAE, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, model, images: torch.Tensor) -> dict[str, torch.Tensor]:
         out = model(images)
         rate = out["rate"].mean()
         distortion = model.head.reconstruction_loss(out["output"], images).mean()
@@ -46,50 +42,24 @@ class Stage1Objective:
         self.controller.load_state_dict(state["controller"])
 
 
+def controller_summary(controller, tolerance: float):
+    """summary.json keys of a constrained run from its held-out metrics: the multiplier and
+    whether the constraint was met (progvae.controllers.constraint_summary)."""
+    def summarise(heldout: dict) -> dict:
+        return {"multiplier": controller.multiplier,
+                **constraint_summary(controller, heldout["rate"], heldout["mse"], tolerance)}
+    return summarise
+
+
 def train_stage1(config: Config, out: str | Path, quiet: bool = False) -> dict:
     """Train (or continue) a stage-one run in `out`; returns the held-out summary."""
     controller = build_controller(config)          # fails on a bad target before any write
     check_same_controller(out, config)
-    config, data, out_dir = prepare_run(config, out, "stage1")
-    model = build_model(config, "stage1")
-    trainer = Trainer(model, Stage1Objective(controller), config, data, out_dir, "stage1", quiet)
-    trainer.resume()
-    trainer.fit()
-    heldout = trainer.evaluate()
-    summary = {
-        "stage": "stage1",
-        "data": data.name,
-        "steps": trainer.step,
-        "skipped": trainer.skipped,
-        "rate": heldout["rate"],
-        "distortion": heldout["distortion"],
-        "psnr": psnr(heldout["distortion"]),
-        "multiplier": controller.multiplier,
-        # controller, constrained, target, relative_error, multiplier_at_bound,
-        # saturated_fraction, constraint_met
-        **constraint_summary(controller, heldout["rate"], heldout["distortion"],
-                             config.constraint_tolerance),
-        "train_seconds": round(trainer.elapsed, 2),
-        "steps_per_second": round(trainer.step / max(trainer.elapsed, 1e-9), 3),
-        "parameters": sum(p.numel() for p in model.parameters()),
-    }
+    recipe = Recipe(Stage1Objective(controller), quiet=quiet,
+                    summary=controller_summary(controller, config.constraint_tolerance))
+    summary, _ = train_run(KINDS["stage1"], config, out, recipe)
     if dist.is_main():
-        write_json(summary, out_dir / "summary.json")
         warning = constraint_warning(summary)
         if warning:
             print(warning, file=sys.stderr, flush=True)
-        write_stage1_images(trainer.ema_model, data, out_dir, config.n_grid, config.seed)
-    dist.barrier()
     return summary
-
-
-@torch.no_grad()
-def write_stage1_images(model: VDVAE, data: ImageData, out_dir: Path, n: int, seed: int) -> None:
-    """reconstructions.png (rows of held-out originals over their reconstructions) and
-    samples.png (mean decodings of z ~ p(z)), from a fixed seed."""
-    device = next(model.parameters()).device
-    with seeded(seed, device):
-        originals, x = heldout_batch(data, n, device)
-        reconstructions = to_uint8_images(model.reconstruct(x).cpu())
-        write_comparison([originals, reconstructions], out_dir / "reconstructions.png")
-        save_grid(to_uint8_images(model.sample(n).cpu()), out_dir / "samples.png")

@@ -1,0 +1,117 @@
+"""The one training entry point: every kind of run, the sweep and the progressive experiment
+train through `train_run`.
+
+It checks the data and the run directory, builds the kind's network, resumes from the last
+checkpoint, trains (progvae.trainer), evaluates the EMA weights on the whole held-out split with
+the one held-out evaluator (progvae.heldout, the same numbers `evaluate` gives), writes
+`summary.json` and the image grids. A stage supplies only what is its own, as a `Recipe`: the
+objective, and where it needs them a data check, a model adjustment, extra summary keys.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from progvae import dist
+from progvae.checkpoint import write_json
+from progvae.config import Config
+from progvae.data import ImageData, to_model_input, to_uint8_images
+from progvae.heldout import HELDOUT_SEED, heldout_metrics, seeded
+from progvae.images import save_grid, save_rows
+from progvae.kinds import RunKind
+from progvae.runs import prepare_run
+from progvae.trainer import Objective, Trainer
+
+
+def _unchanged(model: nn.Module) -> nn.Module:
+    return model
+
+
+def _nothing(heldout: dict) -> dict:
+    return {}
+
+
+@dataclass
+class Recipe:
+    """What a stage hands the loop besides its kind."""
+
+    objective: Objective                                              # the training loss
+    check_data: Callable[[ImageData], None] | None = None             # refuse mismatched data
+    build: Callable[[Config], nn.Module] | None = None                # instead of kind.build
+    prepare_model: Callable[[nn.Module, ImageData], None] | None = None   # e.g. freeze parts
+    scored: Callable[[nn.Module], nn.Module] = _unchanged             # EMA network -> scored model
+    summary: Callable[[dict], dict] = _nothing                        # extra keys from held-out
+    quiet: bool = False
+
+
+def train_run(kind: RunKind, config: Config, out: str | Path, recipe: Recipe
+              ) -> tuple[dict, Trainer]:
+    """Train (or continue) a run of `kind` in `out`; returns its summary (also written to
+    `out/summary.json`, with reconstructions.png and samples.png beside it) and the trainer,
+    whose `ema_model` is the trained network."""
+    config, data, out_dir = prepare_run(config, out, kind.name, recipe.check_data)
+    model = (recipe.build or kind.build)(config)
+    if recipe.prepare_model is not None:   # before the optimizer and DDP see the parameters
+        recipe.prepare_model(model, data)
+    trainer = Trainer(model, recipe.objective, config, data, out_dir, kind.name, recipe.quiet)
+
+    def evaluate() -> dict:
+        scored = recipe.scored(trainer.ema_model)
+        return heldout_metrics(kind, scored, data.test, config.eval_batch_size, HELDOUT_SEED)
+
+    trainer.evaluate_heldout = evaluate
+    trainer.resume()
+    trainer.fit()
+    heldout = evaluate()
+    summary = {**trainer.run_facts(), **summary_values(kind, heldout), **recipe.summary(heldout)}
+    if dist.is_main():
+        write_json(summary, out_dir / "summary.json")
+        write_images(kind, recipe.scored(trainer.ema_model), data, out_dir, config.n_grid,
+                     config.seed)
+    dist.barrier()
+    return summary, trainer
+
+
+def summary_values(kind: RunKind, heldout: dict) -> dict:
+    """What summary.json reports of the held-out metrics: all of them (their names are those of
+    `evaluate`'s eval.json), and for kinds without a likelihood the MSE again as `distortion`."""
+    values = {name: value for name, value in heldout.items() if name != "n_images"}
+    values["heldout_images"] = heldout["n_images"]
+    if not kind.has_likelihood:
+        values["distortion"] = heldout["mse"]
+    return values
+
+
+@torch.no_grad()
+def write_images(kind: RunKind, scored: nn.Module, data: ImageData, out_dir: Path, n: int,
+                 seed: int) -> None:
+    """reconstructions.png: rows of held-out originals, (for two-stage kinds) stage one's
+    x_tilde, and the reconstruction; samples.png: n samples at temperature 1. Fixed seed."""
+    device = next(scored.parameters()).device
+    scored.eval()
+    with seeded(seed, device):
+        originals = data.test[:n]
+        x = to_model_input(torch.from_numpy(originals)).to(device)
+        final, x_tilde = kind.reconstruct(scored, x)
+        rows = [originals] + ([] if x_tilde is None else [to_uint8_images(x_tilde.cpu())])
+        write_comparison(rows + [to_uint8_images(final.cpu())], out_dir / "reconstructions.png")
+        save_grid(to_uint8_images(kind.sample(scored, n, 1.0, None).cpu()),
+                  out_dir / "samples.png")
+
+
+def write_comparison(image_sets: list[np.ndarray], path: Path) -> None:
+    """Aligned image sets (e.g. originals, stage one, final), uint8 NHWC of equal length, as
+    groups of rows: a row of each set in turn, so every column shows one image's versions."""
+    count = len(image_sets[0])
+    columns = max(1, int(math.sqrt(len(image_sets) * count)))
+    rows = []
+    for start in range(0, count - columns + 1, columns):
+        rows += [images[start:start + columns] for images in image_sets]
+    save_rows(rows or [images for images in image_sets], path)
