@@ -2,11 +2,9 @@
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,8 +15,10 @@ COMMON = ["--config=digits", "--distortion_target=0.02", "--num_threads=1", "--q
 
 
 def torchrun(*args: str, nproc: int = 2, extra: tuple[str, ...] = ()) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            "--master_port", str(free_port()), *extra, "-m", "progvae", *args]
+    """torchrun on one machine; --standalone lets it bind a free port itself (port 0), so no
+    port is chosen here and released for another process to take first."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", *extra, "-m", "progvae", *args]
 
 
 def free_port() -> int:
@@ -60,37 +60,31 @@ def test_two_processes_with_batch_b_match_one_process_with_batch_2b(tmp_path, ac
 
 
 def test_a_killed_worker_is_restarted_and_the_run_finishes(tmp_path):
+    """Rank 1 is killed (SIGKILL) after update 12, two past the checkpoint at 10; torchrun
+    restarts both workers, which resume from step 10 and finish."""
     out = tmp_path / "elastic"
-    process = subprocess.Popen(
-        torchrun("stage1", *COMMON, "--steps=40", "--checkpoint_every=5", "--batch_size=8",
+    result = subprocess.run(
+        torchrun("stage1", *COMMON, "--steps=20", "--checkpoint_every=5", "--batch_size=8",
                  f"--out={out}", extra=("--max-restarts=1",)),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 240
-    while not (out / "checkpoint.pt").exists():
-        assert process.poll() is None and time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
-                             text=True).stdout.split()
-    assert workers, "torchrun has no worker processes"
-    os.kill(int(workers[-1]), signal.SIGKILL)
-    output, _ = process.communicate(timeout=400)
-    assert process.returncode == 0, output
-    assert "Resuming stage1 from step" in output
-    assert checkpoint(out)["step"] == 40
+        capture_output=True, text=True, timeout=400,
+        env={**os.environ, "PROGVAE_TEST_KILL_AT": "12:1"})
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "exitcode: -9" in output and "Resuming stage1 from step 10 of 20" in output
+    assert checkpoint(out)["step"] == 20
     steps_logged = [json.loads(line)["step"]
                     for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps_logged == list(range(2, 41, 2))
+    assert steps_logged == list(range(2, 21, 2))
 
 
 def test_a_missing_peer_ends_the_run_at_its_timeout_instead_of_hanging(tmp_path):
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    started = time.time()
+    # a hang would end in subprocess's TimeoutExpired, failing the test
     result = subprocess.run([sys.executable, "-m", "progvae", "stage1", *COMMON, "--steps=2",
                              "--dist_timeout=5", f"--out={tmp_path / 'alone'}"],
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
-    assert time.time() - started < 90
     assert "Traceback" not in result.stderr and "process group" in result.stderr
 
 
@@ -107,8 +101,8 @@ def test_gather_rows_concatenates_uneven_shares_in_rank_order(tmp_path):
         "if dist.is_main():\n"
         "    torch.save(gathered, sys.argv[1])\n"
         "dist.cleanup()\n")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             "--master_port", str(free_port()), str(script),
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", str(script),
                              str(tmp_path / "gathered.pt")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -122,6 +122,18 @@ def test_temperature_zero_is_deterministic_and_picks_the_top_component():
     samples = head.sample(params, temperature=0.5)
     assert samples.min() >= -1 and samples.max() <= 1
     assert torch.equal(samples, torch.round((samples + 1) * 127.5) / 127.5 - 1)
+    # grayscale, 3 components with means -0.5, 0.25, 0.75: at temperature 0 each pixel is the
+    # mean of its most probable component, rounded to the grid
+    gray = DmolHead(width=1, image_channels=1, n_mixtures=3)
+    logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0]])       # top: component 1, then 0
+    component_means = torch.tensor([-0.5, 0.25, 0.75])
+    params = torch.zeros(2, 9, 1, 1)
+    params[:, 0:3, 0, 0] = logits
+    params[:, 3:6, 0, 0] = component_means
+    params[:, 6:9, 0, 0] = -3.0
+    picked = gray.sample(params, temperature=0.0)[:, 0, 0, 0]
+    expected = torch.round((component_means[[1, 0]] + 1) * 127.5) / 127.5 - 1
+    assert torch.equal(picked, expected)
 
 
 def test_gradients_are_finite_for_extreme_parameters():

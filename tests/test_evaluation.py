@@ -20,7 +20,9 @@ from torch import nn
 
 from progvae.config import load_config
 from progvae.errors import UserError
-from progvae.runs import build_model, load_model, seeded
+from progvae.heldout import seeded
+from progvae.kinds import KINDS
+from progvae.runs import load_model
 
 SMALL = {"width": 8, "zdim": 4, "n_mixtures": 3, "enc_blocks": "16d2,8d2,4d4,1x1",
          "dec_blocks": "1x1,4m1,8m4,16m8", "log_every": 1, "checkpoint_every": 0, "n_grid": 4,
@@ -206,18 +208,18 @@ def test_evaluate_command_without_weights_stops_with_the_flag_to_pass(vdvae_run,
 
 # ------------------------------------------------------------------ ELBO, MSE, IW bound
 def test_heldout_metrics_average_every_image_including_the_last_short_batch():
-    from progvae.evaluation.elbo import heldout_metrics, image_terms
+    from progvae.heldout import heldout_metrics
     from progvae.data import to_model_input
 
     torch.manual_seed(0)
-    model = build_model(small_config(image_channels=1), "vdvae").eval()
+    model = KINDS["vdvae"].build(small_config(image_channels=1)).eval()
     images = digit_images(10)
-    metrics = heldout_metrics("vdvae", model, images, batch_size=4, seed=3)
+    metrics = heldout_metrics(KINDS["vdvae"], model, images, batch_size=4, seed=3)
     per_image = []
     with torch.no_grad(), seeded(3, torch.device("cpu")):
         for start in (0, 4, 8):
             x = to_model_input(torch.from_numpy(images[start:start + 4]))
-            per_image.append(image_terms("vdvae", model, x))
+            per_image.append(KINDS["vdvae"].terms(model, x))
     for name in ("elbo", "nll", "rate", "mse"):
         expected = torch.cat([terms[name] for terms in per_image]).double().mean()
         assert metrics[name] == pytest.approx(float(expected), rel=1e-6), name
@@ -231,7 +233,7 @@ def test_latent_log_ratio_averages_to_the_analytic_kl():
     from progvae.data import to_model_input
 
     torch.manual_seed(0)
-    model = build_model(small_config(image_channels=1), "vdvae").eval()
+    model = KINDS["vdvae"].build(small_config(image_channels=1)).eval()
     x = to_model_input(torch.from_numpy(digit_images(1))).expand(512, -1, -1, -1)
     with torch.no_grad(), LatentLogRatio(model) as ratio:
         out = model(x)
@@ -242,15 +244,31 @@ def test_latent_log_ratio_averages_to_the_analytic_kl():
     assert abs(float(draws.mean() - kl.mean())) < 4 * standard_error + 1e-3
 
 
-def test_importance_weighted_bound_is_above_the_elbo():
-    from progvae.evaluation.elbo import heldout_metrics
+def test_importance_weighted_bound_against_independent_oracles():
+    """At K = 1 the bound is a one-sample estimate of the ELBO (equal on average); it does not
+    decrease in K on average; and at K = 2 it is log of the mean of the two one-sample weights
+    drawn in turn under the same seed (so the - log K term is there)."""
+    from progvae.data import to_model_input
+    from progvae.evaluation.elbo import importance_weighted_elbo
 
     torch.manual_seed(0)
-    model = build_model(small_config(image_channels=1), "vdvae").eval()
-    metrics = heldout_metrics("vdvae", model, digit_images(16), batch_size=16, seed=0,
-                              iw_samples=8)
-    assert metrics["iw_elbo"] > metrics["elbo"]
-    assert metrics["iw_samples"] == 8
+    kind = KINDS["vdvae"]
+    model = kind.build(small_config(image_channels=1)).eval()
+    x = to_model_input(torch.from_numpy(digit_images(4))).repeat(32, 1, 1, 1)   # 128 draws
+    dims = x[0].numel()
+    with torch.no_grad(), seeded(1, torch.device("cpu")):
+        elbo = kind.terms(model, x)["elbo"].double()
+        bounds = {k: importance_weighted_elbo(kind, model, x, k).double() for k in (1, 4, 16)}
+    gap = bounds[1] - elbo
+    assert abs(float(gap.mean())) < 4 * float(gap.std()) / math.sqrt(len(gap)) + 1e-4
+    assert float(bounds[1].mean()) < float(bounds[4].mean()) < float(bounds[16].mean())
+    with torch.no_grad(), seeded(2, torch.device("cpu")):
+        first = importance_weighted_elbo(kind, model, x[:4], 1).double()
+        second = importance_weighted_elbo(kind, model, x[:4], 1).double()
+    with torch.no_grad(), seeded(2, torch.device("cpu")):
+        both = importance_weighted_elbo(kind, model, x[:4], 2).double()
+    expected = (torch.logsumexp(torch.stack([first, second]) * dims, 0) - math.log(2)) / dims
+    assert torch.allclose(both, expected, rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------- evaluate
@@ -294,7 +312,7 @@ def test_rate_of_the_first_groups_is_the_sum_of_their_kls():
     from progvae.data import to_model_input
 
     torch.manual_seed(0)
-    model = build_model(small_config(image_channels=1), "vdvae").eval()
+    model = KINDS["vdvae"].build(small_config(image_channels=1)).eval()
     assert model.decoder.group_resolutions == [1, 4, 8, 16]
     assert groups_up_to(model, 4) == 2 and groups_up_to(model, 2) == 1
     with pytest.raises(UserError, match="max_resolution"):

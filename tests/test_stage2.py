@@ -10,7 +10,8 @@ import torch
 
 from progvae.config import load_config
 from progvae.pipeline import Pipeline, composite_terms
-from progvae.runs import build_model, load_model, prepare_run
+from progvae.kinds import KINDS
+from progvae.runs import load_model, load_pipeline, prepare_run
 from progvae.stages.joint import train_joint
 from progvae.stages.stage1 import train_stage1
 from progvae.stages.stage2 import CompositeObjective, train_stage2
@@ -41,7 +42,7 @@ def stage2_run(stage1_run, tmp_path_factory) -> Path:
 
 def test_conditional_model_shapes():
     config = small_config(image_channels=1)
-    model = build_model(config, "stage2")
+    model = KINDS["stage2"].build(config)
     x = torch.rand(2, 1, 16, 16) * 2 - 1
     out = model(x, condition_image=x)
     assert out["output"].shape == (2, model.head.proj.out_channels, 16, 16)
@@ -53,14 +54,14 @@ def test_conditional_model_shapes():
 def test_joint_has_exactly_the_two_stage_parameters():
     config = small_config(image_channels=1)
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
-    assert count(build_model(config, "joint")) == \
-        count(build_model(config, "stage1")) + count(build_model(config, "stage2"))
+    assert count(KINDS["joint"].build(config)) == \
+        count(KINDS["stage1"].build(config)) + count(KINDS["stage2"].build(config))
 
 
 def test_composite_elbo_is_the_sum_of_its_parts():
     config = small_config(image_channels=1)
     torch.manual_seed(0)
-    stage1, stage2 = build_model(config, "stage1"), build_model(config, "stage2")
+    stage1, stage2 = KINDS["stage1"].build(config), KINDS["stage2"].build(config)
     x = torch.rand(3, 1, 16, 16) * 2 - 1
     torch.manual_seed(1)
     terms = composite_terms(stage1, stage2, x)
@@ -74,11 +75,28 @@ def test_composite_elbo_is_the_sum_of_its_parts():
     assert torch.allclose(first["rate"], torch.stack(first["kl"], 1).sum(1) / dims)
 
 
+def test_gradients_reach_stage_one_in_joint_training_and_never_in_stage_two():
+    config = small_config(image_channels=1)
+    torch.manual_seed(0)
+    pipeline = KINDS["joint"].build(config)
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    CompositeObjective()(pipeline, x)["loss"].backward()     # joint: end to end through x_tilde
+    reached = [p.grad is not None and bool(p.grad.abs().sum() > 0)
+               for p in pipeline.stage1.decoder.parameters()]
+    assert sum(reached) > len(reached) // 2        # the decoder that makes x_tilde learns
+    assert pipeline.stage1.head.proj.weight.grad.abs().sum() > 0
+    pipeline.zero_grad(set_to_none=True)
+    frozen = pipeline.stage1.eval().requires_grad_(False)
+    CompositeObjective(frozen)(pipeline.stage2, x)["loss"].backward()   # two-stage
+    assert all(p.grad is None for p in frozen.parameters())
+    assert any(p.grad is not None for p in pipeline.stage2.parameters())
+
+
 def test_stage_one_is_bit_identical_after_stage_two_steps(stage1_run, tmp_path):
     _, stage1, _ = load_model(stage1_run)
     before = copy.deepcopy(stage1.state_dict())
     config, data, out = prepare_run(small_config(steps=4), tmp_path / "s2", "stage2")
-    model = build_model(config, "stage2")
+    model = KINDS["stage2"].build(config)
     trainer = Trainer(model, CompositeObjective(stage1), config, data, out, "stage2", quiet=True)
     trainer.fit()
     optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
@@ -90,7 +108,7 @@ def test_stage_one_is_bit_identical_after_stage_two_steps(stage1_run, tmp_path):
 
 
 def test_stage2_run_and_pipeline(stage2_run):
-    pipeline = Pipeline.from_runs(stage2_run)
+    pipeline = load_pipeline(stage2_run)
     assert isinstance(pipeline, Pipeline)
     torch.manual_seed(3)
     first = pipeline.sample(4)
@@ -111,7 +129,7 @@ def test_stage2_run_and_pipeline(stage2_run):
 def test_joint_trains_and_samples(tmp_path):
     summary = train_joint(small_config(), tmp_path / "joint", quiet=True)
     assert summary["elbo"] < 0 and summary["steps"] == 3
-    pipeline = Pipeline.from_runs(tmp_path / "joint")
+    pipeline = load_pipeline(tmp_path / "joint")
     assert pipeline.sample(2).shape == (2, 1, 16, 16)
 
 

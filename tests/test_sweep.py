@@ -2,6 +2,8 @@
 skipped, unfinished ones continued, bad input refused in one sentence."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +21,9 @@ QUICK = ["--config=digits", "--width=8", "--zdim=4", "--enc_blocks=16d2,8d2,4d4,
          "--n_grid=4", "--num_threads=1"]
 
 
-def sweep(out: Path, *args: str) -> subprocess.CompletedProcess:
+def sweep(out: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "progvae", "sweep", *QUICK, f"--out={out}",
-                           *args], capture_output=True, text=True, timeout=600)
+                           *args], capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_targets_as_fire_hands_them_over():
@@ -35,8 +37,19 @@ def test_targets_as_fire_hands_them_over():
 
 def test_a_sweep_writes_its_report_skips_finished_targets_and_continues_unfinished_ones(tmp_path):
     out = tmp_path / "sweep"
-    first = sweep(out, "--targets=0.08,0.04", "--steps=10", "--controller=dco")
+    args = ["--targets=0.08,0.04", "--steps=10", "--controller=dco", "--checkpoint_every=5"]
+    # killed (SIGKILL) at update 7 of the first target, two past its checkpoint at 5
+    killed = sweep(out, *args, env={**os.environ, "PROGVAE_TEST_KILL_AT": "7"})
+    assert killed.returncode == -signal.SIGKILL
+    assert not (out / "target_0.08" / "summary.json").exists()
+    assert not (out / "target_0.04").exists()
+
+    first = sweep(out, *args)   # the same command again continues the killed target
     assert first.returncode == 0, first.stderr
+    assert "Resuming stage1 from step 5 of 10" in first.stdout
+    logged = [json.loads(line)["step"] for line in
+              (out / "target_0.08" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [5, 10]                 # each step once, the killed one's lines replaced
     report = json.loads((out / "rd.json").read_text())
     assert report["controller"] == "dco" and report["target_field"] == "distortion_target"
     assert [run["target"] for run in report["runs"]] == [0.08, 0.04]
@@ -45,21 +58,21 @@ def test_a_sweep_writes_its_report_skips_finished_targets_and_continues_unfinish
                 "steps_to_target", "steps_to_settle"} <= set(run)
         summary = json.loads((out / run["run"] / "summary.json").read_text())
         assert summary["target"] == run["target"] and summary["controller"] == "dco"
+        assert run["distortion"] == summary["distortion"] and run["rate"] == summary["rate"]
     for name in ("rd.png", "multipliers.png"):
         assert iio.imread(out / name).ndim == 3
     # an originals row and a row per target, each image enlarged to at least 64 pixels
     assert iio.imread(out / "reconstructions.png").shape[0] >= 3 * 64
     assert "0.08" in first.stdout and "0.04" in first.stdout
 
-    finished = (out / "target_0.08" / "summary.json").stat().st_mtime_ns
-    # 0.08 is finished; 0.04 is asked for more steps (as a killed run would be, it continues
-    # from its checkpoint); 0.02 is new.
-    (out / "target_0.04" / "summary.json").unlink()
+    finished = {target: (out / f"target_{target}" / "summary.json").stat().st_mtime_ns
+                for target in ("0.08", "0.04")}
     second = sweep(out, "--targets=0.02,0.04,0.08", "--steps=10", "--controller=dco")
     assert second.returncode == 0, second.stderr
     assert "distortion_target=0.08: finished" in second.stdout
-    assert "Resuming stage1 from step 10" in second.stdout
-    assert (out / "target_0.08" / "summary.json").stat().st_mtime_ns == finished
+    assert "distortion_target=0.04: finished" in second.stdout
+    for target, mtime in finished.items():
+        assert (out / f"target_{target}" / "summary.json").stat().st_mtime_ns == mtime
     report = json.loads((out / "rd.json").read_text())
     assert [run["target"] for run in report["runs"]] == [0.08, 0.04, 0.02]
 

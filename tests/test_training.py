@@ -2,12 +2,13 @@
 
 import dataclasses
 import json
+import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from progvae.config import load_config
@@ -37,17 +38,15 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(command(straight), check=True, capture_output=True, timeout=600)
 
-    process = subprocess.Popen(command(killed), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (killed / "checkpoint.pt").exists() and process.poll() is None:
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    time.sleep(0.3)   # let it train past the checkpoint, so there is work to redo
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    # Killed (SIGKILL, at a known step: no sleeps, no race) 5 updates after its checkpoint at
+    # step 10, so resuming has work to redo and log lines to replace.
+    killed_run = subprocess.run(command(killed), capture_output=True, timeout=600,
+                                env={**os.environ, "PROGVAE_TEST_KILL_AT": "15"})
+    assert killed_run.returncode == -signal.SIGKILL
     interrupted_at = final_state(killed)["step"]
-    assert interrupted_at < 60, "the run finished before it could be killed"
+    assert interrupted_at == 10
+    assert max(json.loads(line)["step"] for line in
+               (killed / "metrics.jsonl").read_text().splitlines()) == 15
 
     resumed = subprocess.run(command(killed), check=True, capture_output=True, text=True,
                              timeout=600)
@@ -65,6 +64,7 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
     assert not list(killed.glob("*.tmp")), "a temporary checkpoint was left behind"
 
 
+@pytest.mark.slow   # the whole demo: about 3 minutes on 2 cores
 def test_the_demo_meets_its_distortion_target_and_stage_two_improves_on_it(tmp_path):
     """The built-in demo lands within 10% of its stage-one target on held-out data, and stage
     two's reconstructions beat stage one's distortion."""
@@ -84,6 +84,30 @@ def test_the_demo_meets_its_distortion_target_and_stage_two_improves_on_it(tmp_p
         assert (demo / path).stat().st_size > 0
 
 
+def test_a_short_demo_runs_every_step_and_a_rerun_only_reevaluates(tmp_path):
+    """The demo's flow end to end (stage one, stage two, samples, ELBO and fid_digits) at a few
+    steps; running it again finds both checkpoints finished and trains nothing."""
+    command = [sys.executable, "-m", "progvae", "demo", f"--out={tmp_path / 'demo'}",
+               "--steps=4", "--stage2_steps=2", "--quiet=True"]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    demo = tmp_path / "demo"
+    evaluated = json.loads((demo / "stage2" / "eval.json").read_text())
+    summary = json.loads((demo / "stage2" / "summary.json").read_text())
+    assert f"ELBO {summary['elbo']:.4f} nats/dim" in first.stdout
+    assert f"fid_digits {evaluated['fid_digits']:.2f}" in first.stdout
+    assert evaluated["fid_n_samples"] == 1000
+    checkpoints = {stage: (demo / stage / "checkpoint.pt").read_bytes()
+                   for stage in ("stage1", "stage2")}
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "Resuming stage1 from step 4 of 4" in again.stdout
+    assert "Resuming stage2 from step 2 of 2" in again.stdout
+    for stage, content in checkpoints.items():
+        assert (demo / stage / "checkpoint.pt").read_bytes() == content, stage
+    assert len((demo / "stage1" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
 def test_updates_over_the_skip_threshold_are_skipped_counted_and_warned_about(tmp_path, capsys):
     config = load_config("digits", {
         "steps": 101, "skip_threshold": 1e-12, "width": 8, "log_every": 50,
@@ -93,8 +117,10 @@ def test_updates_over_the_skip_threshold_are_skipped_counted_and_warned_about(tm
     initial = VDVAE(dataclasses.replace(config, image_channels=1)).state_dict()
     summary = train_stage1(config, tmp_path / "run", quiet=True)
     assert summary["skipped"] == 101
+    assert summary["multiplier"] == config.multiplier_init    # skipped updates move nothing
     final = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"]
     assert all(torch.equal(initial[name], final[name]) for name in initial)
     assert "updates were skipped" in capsys.readouterr().err.replace("\n", " ")
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["skipped"] == 101
+    assert all(json.loads(line)["multiplier"] == config.multiplier_init for line in lines)

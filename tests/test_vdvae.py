@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from progvae.config import load_config
-from progvae.runs import build_model, load_model, load_sampler
+from progvae.kinds import KINDS
+from progvae.runs import load_model, load_sampler
 from progvae.stages.vdvae import ElboObjective, train_vdvae
 
 SMALL = {"width": 8, "zdim": 4, "n_mixtures": 3, "enc_blocks": "16d2,8d2,4d4,1x1",
@@ -27,7 +28,7 @@ def one_thread():
 def test_objective_is_the_negative_elbo_per_dimension():
     config = load_config("digits", {**SMALL, "image_channels": 1})
     torch.manual_seed(0)
-    model = build_model(config, "vdvae")
+    model = KINDS["vdvae"].build(config)
     x = torch.randint(0, 256, (4, 1, 16, 16)).float() / 127.5 - 1
     torch.manual_seed(1)
     metrics = ElboObjective()(model, x)
@@ -37,9 +38,6 @@ def test_objective_is_the_negative_elbo_per_dimension():
     expected = (nll + torch.stack(out["kl"], 1).sum(1) / (16 * 16)).mean()
     assert torch.allclose(metrics["loss"], expected)
     assert torch.allclose(metrics["elbo"], -expected)
-    assert "mse" not in metrics                     # only in held-out evaluation
-    model.eval()
-    assert "mse" in ElboObjective()(model, x)
 
 
 def test_a_short_run_writes_its_summary_and_samples(tmp_path):
