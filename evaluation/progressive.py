@@ -33,6 +33,7 @@ from progvae.checkpoint import write_json
 from progvae.config import apply_overrides
 from progvae.controllers import build_controller
 from progvae.data import ImageData, load_data_for, to_model_input, to_uint8_images
+from progvae.distributions import NoiseShard
 from progvae.errors import UserError
 from progvae.heads import mse_per_image
 from progvae.heldout import HELDOUT_SEED, heldout_metrics, seeded
@@ -70,8 +71,9 @@ class DistortionObjective(FixedObjective):
     """D_K's decoder objective: the MSE of its reconstruction, nothing else (the inference path
     is frozen, so the rate is only logged)."""
 
-    def __call__(self, model: MaskedCoder, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = model(images)
+    def __call__(self, model: MaskedCoder, images: torch.Tensor,
+                 noise: NoiseShard | None = None) -> dict[str, torch.Tensor]:
+        out = model(images, noise=noise)
         distortion = mse_per_image(out["output"], images).mean()
         return {"loss": distortion, "distortion": distortion, "rate": out["rate"].mean()}
 

@@ -29,7 +29,7 @@ from progvae.errors import UserError
 from progvae.heads import mse_per_image
 from progvae.masked_coder import MaskedCoder
 from progvae.pipeline import Pipeline, composite_terms
-from progvae.vdvae import VDVAE
+from progvae.vdvae import VDVAE, latent_log_ratio
 
 Terms = dict[str, torch.Tensor]
 
@@ -49,6 +49,9 @@ class RunKind:
     has_likelihood: bool                                # reports an ELBO (and bits/dim)
     needs_stage1_run: bool = False                      # scored with config.stage1's network
     composite: bool = False                             # a two-stage model (Pipeline)
+    # log p(x, z) - log q(z | x) in nats per image at one draw z ~ q, (B,): what the
+    # importance-weighted bound averages; None for kinds without a likelihood
+    log_weight: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
     table2_role: str | None = None   # its column in paper 003 Table 2: conventional, two-stage
 
 
@@ -63,6 +66,22 @@ def vdvae_terms(model: VDVAE, x: torch.Tensor, likelihood: bool) -> Terms:
         terms["nll"] = model.head.reconstruction_loss(out["output"], x)
         terms["elbo"] = -(terms["nll"] + out["rate"])
     return terms
+
+
+def vdvae_log_weight(model: VDVAE, x: torch.Tensor) -> torch.Tensor:
+    """log p(x | z) + log p(z) - log q(z | x) in nats, (B,), at one draw z ~ q(z | x)."""
+    out = model(x)
+    log_likelihood = -model.head.reconstruction_loss(out["output"], x) * model.dims_per_image
+    return log_likelihood.double() - latent_log_ratio(out).double()
+
+
+def pipeline_log_weight(pipeline: Pipeline, x: torch.Tensor) -> torch.Tensor:
+    """The same for the two-stage model: both stages' latents, z and z_tilde, are drawn from
+    their posteriors and scored under their priors (stage two's conditioned on x_tilde)."""
+    terms = composite_terms(pipeline.stage1, pipeline.stage2, x)
+    log_likelihood = -terms["nll"] * pipeline.stage2.dims_per_image
+    return (log_likelihood.double() - latent_log_ratio(terms["stage1_out"]).double()
+            - latent_log_ratio(terms["stage2_out"]).double())
 
 
 def pipeline_terms(pipeline: Pipeline, x: torch.Tensor) -> Terms:
@@ -106,17 +125,19 @@ KINDS: dict[str, RunKind] = {kind.name: kind for kind in (
     RunKind("vdvae", "plain VDVAE (ELBO)", "plain VDVAE with a DMoL head, trained by the ELBO",
             build=lambda config: VDVAE(config, head="dmol"),
             terms=lambda model, x: vdvae_terms(model, x, likelihood=True),
-            sample=_dmol_samples, reconstruct=_reconstruct, has_likelihood=True),
+            sample=_dmol_samples, reconstruct=_reconstruct, has_likelihood=True,
+            log_weight=vdvae_log_weight),
     RunKind("stage2", "two-stage (progressive coding)", "stage two: conditional U-Net VDVAE on a frozen stage one",
             build=lambda config: VDVAE(config, head="dmol", conditional=True),
             terms=pipeline_terms, sample=_pipeline_samples, reconstruct=_pipeline_reconstruct,
             has_likelihood=True, needs_stage1_run=True, composite=True,
-            table2_role="two-stage"),
+            table2_role="two-stage", log_weight=pipeline_log_weight),
     RunKind("joint", "conventional (joint ELBO)", "both stages trained end to end by the composite ELBO (the baseline)",
             build=lambda config: Pipeline(VDVAE(config, head="linear"),
                                           VDVAE(config, head="dmol", conditional=True)),
             terms=pipeline_terms, sample=_pipeline_samples, reconstruct=_pipeline_reconstruct,
-            has_likelihood=True, composite=True, table2_role="conventional"),
+            has_likelihood=True, composite=True, table2_role="conventional",
+            log_weight=pipeline_log_weight),
     RunKind("progressive_decoder", "progressive: new decoder on z_1:K",
             "a new decoder on the first K groups of a frozen VDVAE (D_K, paper 003 §4.1)",
             build=MaskedCoder.from_config,

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from progvae.config import Config
+from progvae.distributions import NoiseShard
 from progvae.vdvae import VDVAE
 
 
@@ -37,8 +38,8 @@ class MaskedCoder(nn.Module):
     def dims_per_image(self) -> int:
         return self.inference.dims_per_image
 
-    def forward(self, x: torch.Tensor) -> dict:
-        inferred = self.inference(x)
+    def forward(self, x: torch.Tensor, noise: NoiseShard | None = None) -> dict:
+        inferred = self.inference(x, noise=noise)
         latents, kl = inferred["latents"][:self.n_groups], inferred["kl"][:self.n_groups]
         rate = torch.stack(kl, dim=1).sum(1) / self.dims_per_image
         features = self.decoder(latents=latents, temperature=0.0)["features"]

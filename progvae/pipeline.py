@@ -14,22 +14,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from progvae.distributions import NoiseShard
 from progvae.vdvae import VDVAE
 
 
-def composite_terms(stage1: VDVAE, stage2: VDVAE, x: torch.Tensor) -> dict[str, torch.Tensor]:
+def composite_terms(stage1: VDVAE, stage2: VDVAE, x: torch.Tensor,
+                    noise: NoiseShard | None = None) -> dict:
     """Per-image terms of the composite ELBO, each (B,) in nats per dimension.
 
     Gradients flow through x_tilde into stage one unless the caller runs stage one frozen.
-    Returns {"nll", "stage1_rate", "stage2_rate", "elbo", "x_tilde", "output"}.
+    Returns {"nll", "stage1_rate", "stage2_rate", "elbo", "x_tilde", "output", "stage1_out",
+    "stage2_out"}, the last two the stages' whole forward outputs (latents, distributions).
     """
-    first = stage1(x)
+    first = stage1(x, noise=noise)
     x_tilde = stage1.head.mean(first["output"])           # (B, C, H, W)
-    second = stage2(x, condition_image=x_tilde)
+    second = stage2(x, condition_image=x_tilde, noise=noise)
     nll = stage2.head.reconstruction_loss(second["output"], x)
     elbo = -(nll + first["rate"] + second["rate"])
     return {"nll": nll, "stage1_rate": first["rate"], "stage2_rate": second["rate"],
-            "elbo": elbo, "x_tilde": x_tilde, "output": second["output"]}
+            "elbo": elbo, "x_tilde": x_tilde, "output": second["output"],
+            "stage1_out": first, "stage2_out": second}
 
 
 class Pipeline(nn.Module):

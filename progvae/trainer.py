@@ -31,7 +31,7 @@ from progvae import dist, performance
 from progvae.checkpoint import CHECKPOINT, atomic_save, load_checkpoint
 from progvae.config import Config
 from progvae.data import BatchSampler, ImageData, to_model_input
-from progvae.distributions import global_batch_noise
+from progvae.distributions import NoiseShard
 
 SKIP_WINDOW = 100        # recent updates inspected by the stall warning
 SKIP_WARN_FRACTION = 0.5
@@ -40,13 +40,14 @@ SKIP_WARN_FRACTION = 0.5
 class Objective(Protocol):
     """What a stage hands the trainer.
 
-    `__call__(model, images)` returns a dict of scalar tensors: "loss" (to minimise) and the
+    `__call__(model, images, noise)` returns a dict of scalar tensors: "loss" (to minimise) and the
     batch means that are logged (e.g. "rate", "distortion"). `after_update(metrics)` sees the
     detached metrics of an applied update (a controller steps its multiplier there).
     `log_values()` adds values such as the multiplier to each log line.
     """
 
-    def __call__(self, model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]: ...
+    def __call__(self, model: nn.Module, images: torch.Tensor,
+                 noise: NoiseShard | None = None) -> dict[str, torch.Tensor]: ...
     def after_update(self, metrics: dict[str, float]) -> None: ...
     def log_values(self) -> dict[str, float]: ...
     def state_dict(self) -> dict: ...
@@ -87,8 +88,9 @@ class LossModule(nn.Module):
         self.model = model
         self.objective = objective
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.objective(self.model, images)
+    def forward(self, images: torch.Tensor, noise: NoiseShard | None = None
+                ) -> dict[str, torch.Tensor]:
+        return self.objective(self.model, images, noise)
 
 
 class Trainer:
@@ -122,6 +124,8 @@ class Trainer:
             self.parameters, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
             weight_decay=config.weight_decay, fused=True)   # one kernel, on CPU as on CUDA
         self.train_images = torch.from_numpy(data.train)
+        self.noise = (NoiseShard(dist.rank(), dist.world_size()) if dist.is_distributed()
+                      else None)
         self.sampler = BatchSampler(len(data.train), config.batch_size, config.seed,
                                     rank=dist.rank(), world_size=dist.world_size())
         self.step = 0
@@ -214,19 +218,18 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, torch.Tensor] = {}
-        with global_batch_noise(dist.rank(), dist.world_size()):
-            for micro_step in range(config.accumulate):
-                images = self.next_batch()
-                last = micro_step == config.accumulate - 1
-                # Gradients are all-reduced once, on the last micro-step only.
-                sync = contextlib.nullcontext() if last or not dist.is_distributed() \
-                    else self.loss_module.no_sync()
-                with sync:
-                    with performance.autocast(self.device, self.autocast_dtype):
-                        metrics = self.forward_loss(images)
-                    (metrics["loss"] / config.accumulate).backward()
-                for name, value in metrics.items():
-                    totals[name] = totals.get(name, 0.0) + value.detach().float() / config.accumulate
+        for micro_step in range(config.accumulate):
+            images = self.next_batch()
+            last = micro_step == config.accumulate - 1
+            # Gradients are all-reduced once, on the last micro-step only.
+            sync = contextlib.nullcontext() if last or not dist.is_distributed() \
+                else self.loss_module.no_sync()
+            with sync:
+                with performance.autocast(self.device, self.autocast_dtype):
+                    metrics = self.forward_loss(images)
+                (metrics["loss"] / config.accumulate).backward()
+            for name, value in metrics.items():
+                totals[name] = totals.get(name, 0.0) + value.detach().float() / config.accumulate
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, config.grad_clip)
         names = list(totals)
         reduced = dist.mean_across_ranks(torch.stack([totals[name] for name in names]))
@@ -259,15 +262,16 @@ class Trainer:
 
     def forward_loss(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """The loss computation, compiled if switched on; a compilation that fails at its first
-        call falls back to eager mode with a warning instead of ending the run."""
+        call falls back to eager mode with a warning instead of ending the run. Under torchrun
+        every rank draws its slice of the global batch's noise (`NoiseShard`)."""
         if self.step_module is self.loss_module:
-            return self.loss_module(images)
+            return self.loss_module(images, self.noise)
         try:
-            return self.step_module(images)
+            return self.step_module(images, self.noise)
         except Exception as error:  # noqa: BLE001 - any compiler failure: run eagerly
             performance.warn_compile_failed(error)
             self.step_module = self.loss_module
-            return self.loss_module(images)
+            return self.loss_module(images, self.noise)
 
     @torch.no_grad()
     def update_ema(self) -> None:

@@ -8,6 +8,8 @@ activations go to a head (a 1x1 linear mean head for stage one, paper 003 A.3).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,7 +18,8 @@ from torch.utils.checkpoint import checkpoint
 from progvae.blocks import (Block, BlockSpec, conv, match_channels, parse_block_string,
                             parse_widths, residual_scale)
 from progvae.config import Config
-from progvae.distributions import gaussian_kl, gaussian_sample, precision_weighted_merge
+from progvae.distributions import (NoiseShard, gaussian_kl, gaussian_log_ratio, gaussian_sample,
+                                    precision_weighted_merge)
 from progvae.errors import UserError
 from progvae.heads import LinearHead
 
@@ -50,6 +53,19 @@ class Encoder(nn.Module):
         return activations
 
 
+class GroupOutput(NamedTuple):
+    """What a decoder block returns for its latent group z_i, each (B, zdim, r, r) but the
+    stream: the new stream (B, width, r, r), the latent it used, the elementwise KL and the
+    posterior (mean, log std) when it inferred z_i from an encoder activation (else None), and
+    its prior p(z_i | z_<i) as (mean, log std)."""
+
+    stream: torch.Tensor
+    latent: torch.Tensor
+    kl: torch.Tensor | None
+    posterior: tuple[torch.Tensor, torch.Tensor] | None
+    prior: tuple[torch.Tensor, torch.Tensor]
+
+
 class DecoderBlock(nn.Module):
     """One top-down step: prior and posterior of latent group z_i, then a residual block."""
 
@@ -77,27 +93,29 @@ class DecoderBlock(nn.Module):
 
     def forward(self, stream: torch.Tensor, encoder_activation: torch.Tensor | None = None,
                 given_latent: torch.Tensor | None = None, temperature: float = 1.0,
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Returns (new stream, latent z_i, elementwise KL or None when not inferring)."""
+                noise: NoiseShard | None = None) -> GroupOutput:
+        """One step of the top-down pass (see `GroupOutput`); `noise` says which slice of the
+        global batch's noise to draw under torchrun."""
         prior_mean, prior_logstd, stream_update = self.prior(stream).split(
             [self.zdim, self.zdim, self.width], dim=1)
-        kl = None
+        kl = posterior = None
         if encoder_activation is not None:
             posterior_mean, posterior_logstd = self.posterior(
                 torch.cat([stream, encoder_activation], dim=1)).chunk(2, dim=1)
             if self.precision_weighted:
                 posterior_mean, posterior_logstd = precision_weighted_merge(
                     posterior_mean, posterior_logstd, prior_mean, prior_logstd)
-            latent = gaussian_sample(posterior_mean, posterior_logstd)
+            latent = gaussian_sample(posterior_mean, posterior_logstd, shard=noise)
             # KL in float32 even under reduced-precision autocast.
             kl = gaussian_kl(posterior_mean.float(), posterior_logstd.float(),
                              prior_mean.float(), prior_logstd.float())
+            posterior = (posterior_mean, posterior_logstd)
         elif given_latent is not None:
             latent = given_latent
         else:
-            latent = gaussian_sample(prior_mean, prior_logstd, temperature)
+            latent = gaussian_sample(prior_mean, prior_logstd, temperature, shard=noise)
         stream = stream + stream_update + self.latent_proj(latent)
-        return self.resnet(stream), latent, kl
+        return GroupOutput(self.resnet(stream), latent, kl, posterior, (prior_mean, prior_logstd))
 
 
 class Decoder(nn.Module):
@@ -128,7 +146,8 @@ class Decoder(nn.Module):
     def forward(self, encoder_activations: dict[int, torch.Tensor] | None = None, *,
                 latents: list[torch.Tensor] | None = None, n: int | None = None,
                 temperature: float = 1.0,
-                condition: dict[int, torch.Tensor] | None = None) -> dict:
+                condition: dict[int, torch.Tensor] | None = None,
+                noise: NoiseShard | None = None) -> dict:
         """Run the decoder top-down.
 
         - With `encoder_activations`: inference; every z_i ~ q(z_i | z_<i, x), and the KL of each
@@ -139,7 +158,11 @@ class Decoder(nn.Module):
         `condition` (stage two's U-Net) adds {resolution: activation} to the stream wherever a
         resolution starts.
 
-        Returns {"features": (B, width, H, W), "latents": [z_i], "kl": [(B, zdim, r, r)]}.
+        `noise` selects this rank's slice of the global batch's noise (`NoiseShard`).
+
+        Returns {"features": (B, width, H, W), "latents": [z_i], "kl": [(B, zdim, r, r)],
+        "posteriors": [(mean, log std)] and "priors": [(mean, log std)]}: the groups' inferred
+        posteriors (one per KL) and every group's prior, each (B, zdim, r, r).
         """
         given = latents or []
         if encoder_activations is not None:
@@ -151,7 +174,7 @@ class Decoder(nn.Module):
         else:
             raise ValueError("Decoder needs encoder activations, latents or a sample count n.")
         streams: dict[int, torch.Tensor] = {}
-        all_latents, kls = [], []
+        all_latents, kls, posteriors, priors = [], [], [], []
         for index, block in enumerate(self.blocks):
             r = block.resolution
             if r not in streams:
@@ -166,13 +189,17 @@ class Decoder(nn.Module):
                 stream = stream + match_channels(upsampled, block.width)
             activation = encoder_activations[r] if encoder_activations is not None else None
             given_latent = given[index] if index < len(given) else None
-            streams[r], latent, kl = run_block(block, self.checkpointing, stream, activation,
-                                               given_latent, temperature)
-            all_latents.append(latent)
-            if kl is not None:
-                kls.append(kl)
+            group = run_block(block, self.checkpointing, stream, activation, given_latent,
+                              temperature, noise)
+            streams[r] = group.stream
+            all_latents.append(group.latent)
+            priors.append(group.prior)
+            if group.kl is not None:
+                kls.append(group.kl)
+                posteriors.append(group.posterior)
         features = streams[self.image_size] * self.out_gain + self.out_bias
-        return {"features": features, "latents": all_latents, "kl": kls}
+        return {"features": features, "latents": all_latents, "kl": kls,
+                "posteriors": posteriors, "priors": priors}
 
 
 class VDVAE(nn.Module):
@@ -229,19 +256,24 @@ class VDVAE(nn.Module):
             raise ValueError("A conditional VDVAE needs condition_image; a plain one takes none.")
         return None if condition_image is None else self.condition_encoder(condition_image)
 
-    def forward(self, x: torch.Tensor, condition_image: torch.Tensor | None = None) -> dict:
+    def forward(self, x: torch.Tensor, condition_image: torch.Tensor | None = None,
+                noise: NoiseShard | None = None) -> dict:
         """Infer z ~ q(z | x [, x_tilde]) top-down and decode it.
 
         Returns {"output": head parameters, "rate": (B,) KL in nats per dimension,
-        "kl": [(B,) nats per group], "latents": [z_i]}.
+        "kl": [(B,) nats per group], "latents": [z_i], "posteriors": [(mean, log std)],
+        "priors": [(mean, log std)]}: every group's posterior q(z_i | z_<i, x) and prior
+        p(z_i | z_<i) at the drawn latents' parents, so evaluation can score the latents
+        (`latent_log_ratio`) without reaching into the blocks.
         """
         condition = self._condition(condition_image)
         encoder_input = x if condition_image is None else torch.cat([x, condition_image], dim=1)
-        decoded = self.decoder(self.encoder(encoder_input), condition=condition)
+        decoded = self.decoder(self.encoder(encoder_input), condition=condition, noise=noise)
         kl_per_group = [kl.flatten(1).sum(1) for kl in decoded["kl"]]
         rate = torch.stack(kl_per_group, dim=1).sum(1) / self.dims_per_image
         return {"output": self.head(decoded["features"]), "rate": rate, "kl": kl_per_group,
-                "latents": decoded["latents"]}
+                "latents": decoded["latents"], "posteriors": decoded["posteriors"],
+                "priors": decoded["priors"]}
 
     def decode(self, latents: list[torch.Tensor] | None = None, n: int | None = None,
                temperature: float = 1.0, condition_image: torch.Tensor | None = None
@@ -264,6 +296,19 @@ class VDVAE(nn.Module):
                     ) -> torch.Tensor:
         """The head's mean given z ~ q(z | x [, x_tilde])."""
         return self.head.mean(self.forward(x, condition_image)["output"])
+
+
+def latent_log_ratio(out: dict) -> torch.Tensor:
+    """log q(z | x) - log p(z) in nats per image, (B,), at the latents a forward pass drew:
+    summed over every group and dimension from the posteriors and priors it returns (a
+    one-sample estimate of its KL, which the importance-weighted bound needs)."""
+    total = 0.0
+    for latent, (q_mean, q_logstd), (p_mean, p_logstd) in zip(
+            out["latents"], out["posteriors"], out["priors"]):
+        ratio = gaussian_log_ratio(latent.float(), q_mean.float(), q_logstd.float(),
+                                   p_mean.float(), p_logstd.float())
+        total = total + ratio.flatten(1).sum(1)
+    return total
 
 
 def run_block(block: nn.Module, checkpointing: bool, *inputs):

@@ -12,6 +12,7 @@ from progvae import dist
 from progvae.config import Config
 from progvae.controllers import (build_controller, check_same_controller, constraint_summary,
                                   constraint_warning)
+from progvae.distributions import NoiseShard
 from progvae.kinds import KINDS
 from progvae.loop import Recipe, train_run
 
@@ -22,8 +23,9 @@ class Stage1Objective:
     def __init__(self, controller):
         self.controller = controller
 
-    def __call__(self, model, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = model(images)
+    def __call__(self, model, images: torch.Tensor,
+                 noise: NoiseShard | None = None) -> dict[str, torch.Tensor]:
+        out = model(images, noise=noise)
         rate = out["rate"].mean()
         distortion = model.head.reconstruction_loss(out["output"], images).mean()
         return {"loss": self.controller.loss(rate, distortion), "rate": rate,

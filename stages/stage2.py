@@ -12,6 +12,7 @@ import torch
 from progvae import dist
 from progvae.config import Config
 from progvae.data import ImageData
+from progvae.distributions import NoiseShard
 from progvae.errors import UserError
 from progvae.kinds import KINDS
 from progvae.loop import Recipe, train_run
@@ -35,9 +36,10 @@ class CompositeObjective(FixedObjective):
     def __init__(self, stage1: VDVAE | None = None):
         self.stage1 = stage1
 
-    def __call__(self, model, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, model, images: torch.Tensor,
+                 noise: NoiseShard | None = None) -> dict[str, torch.Tensor]:
         stage1, stage2 = (model.stage1, model.stage2) if self.stage1 is None else (self.stage1, model)
-        terms = composite_terms(stage1, stage2, images)
+        terms = composite_terms(stage1, stage2, images, noise)
         return {"loss": -terms["elbo"].mean(), "elbo": terms["elbo"].mean(),
                 "nll": terms["nll"].mean(), "rate": terms["stage2_rate"].mean(),
                 "stage1_rate": terms["stage1_rate"].mean()}

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from progvae.config import Config
+from progvae.distributions import NoiseShard
 from progvae.kinds import KINDS
 from progvae.loop import Recipe, train_run
 from progvae.trainer import FixedObjective
@@ -22,8 +23,9 @@ class ElboObjective(FixedObjective):
     """Batch means of the negative ELBO ("loss") and its parts: "elbo", "nll" (DMoL), "rate"
     (KL)."""
 
-    def __call__(self, model: VDVAE, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = model(images)
+    def __call__(self, model: VDVAE, images: torch.Tensor,
+                 noise: NoiseShard | None = None) -> dict[str, torch.Tensor]:
+        out = model(images, noise=noise)
         nll = model.head.reconstruction_loss(out["output"], images)
         elbo = -(nll + out["rate"])
         return {"loss": -elbo.mean(), "elbo": elbo.mean(), "nll": nll.mean(),

@@ -228,18 +228,24 @@ def test_heldout_metrics_average_every_image_including_the_last_short_batch():
     assert sum(metrics["group_rates"]) == pytest.approx(metrics["rate"], rel=1e-6)
 
 
-def test_latent_log_ratio_averages_to_the_analytic_kl():
-    from progvae.evaluation.elbo import LatentLogRatio
+@pytest.mark.parametrize("precision_weighted", [False, True])
+def test_latent_log_ratio_from_the_models_distributions_averages_to_the_analytic_kl(
+        precision_weighted):
+    """The posteriors and priors the model returns are the ones it drew from: log q - log p at
+    the drawn latents averages to the analytic KL (also with the precision-weighted merge)."""
     from progvae.data import to_model_input
+    from progvae.vdvae import latent_log_ratio
 
     torch.manual_seed(0)
-    model = KINDS["vdvae"].build(small_config(image_channels=1)).eval()
+    config = small_config(image_channels=1, precision_weighted_merge=precision_weighted)
+    model = KINDS["vdvae"].build(config).eval()
     x = to_model_input(torch.from_numpy(digit_images(1))).expand(512, -1, -1, -1)
-    with torch.no_grad(), LatentLogRatio(model) as ratio:
+    with torch.no_grad():
         out = model(x)
     kl = torch.stack(out["kl"], 1).sum(1)   # (B,) nats
-    draws = ratio.total
+    draws = latent_log_ratio(out)
     assert draws.shape == (512,)
+    assert len(out["posteriors"]) == len(out["priors"]) == model.n_groups
     standard_error = float(draws.std()) / math.sqrt(512)
     assert abs(float(draws.mean() - kl.mean())) < 4 * standard_error + 1e-3
 

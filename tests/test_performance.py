@@ -8,6 +8,7 @@ import torch
 
 from progvae.config import load_config
 from progvae.controllers import LagrangianController
+from progvae.distributions import NoiseShard
 from progvae.kinds import KINDS
 from progvae.stages.stage1 import Stage1Objective
 from progvae.trainer import LossModule
@@ -21,11 +22,12 @@ def small_model(**overrides):
     return KINDS["stage1"].build(config)
 
 
-def loss_and_gradient(module: torch.nn.Module, model: torch.nn.Module, bf16: bool = False):
+def loss_and_gradient(module: torch.nn.Module, model: torch.nn.Module, bf16: bool = False,
+                      noise=None):
     torch.manual_seed(1)
     model.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        metrics = module(BATCH)
+        metrics = module(BATCH, noise)
     metrics["loss"].backward()
     gradient = torch.cat([p.grad.flatten() for p in model.parameters()])
     return metrics["loss"].item(), gradient
@@ -71,7 +73,10 @@ def test_precision_bf16_runs_convolutions_in_bf16_and_stays_close_to_fp32():
                                       torch.device("cpu")) is None
 
 
-def test_activation_checkpointing_recomputes_blocks_and_gives_the_same_gradients():
+@pytest.mark.parametrize("noise", [None, NoiseShard(rank=1, world_size=2)])
+def test_activation_checkpointing_recomputes_blocks_and_gives_the_same_gradients(noise):
+    """Also as rank 1 of 2, where every draw is a slice of the global batch's noise: the
+    recomputed blocks draw the same slice again (the shard is an argument, not ambient)."""
     model = small_model()
     saving = small_model(checkpoint_activations=True)
     saving.load_state_dict(model.state_dict())
@@ -79,14 +84,15 @@ def test_activation_checkpointing_recomputes_blocks_and_gives_the_same_gradients
     for name, network in (("plain", model), ("saving", saving)):
         network.decoder.blocks[-1].prior.register_forward_pre_hook(
             lambda *args, name=name: calls.__setitem__(name, calls[name] + 1))
-    loss, gradient = loss_and_gradient(LossModule(model, objective()), model)
-    loss_saving, gradient_saving = loss_and_gradient(LossModule(saving, objective()), saving)
+    loss, gradient = loss_and_gradient(LossModule(model, objective()), model, noise=noise)
+    loss_saving, gradient_saving = loss_and_gradient(LossModule(saving, objective()), saving,
+                                                     noise=noise)
     assert calls == {"plain": 1, "saving": 2}       # recomputed in backward, not kept
     assert loss_saving == loss
     assert torch.allclose(gradient_saving, gradient, atol=1e-7)
 
 
-def fixed_noise_like(t: torch.Tensor) -> torch.Tensor:
+def fixed_noise_like(t: torch.Tensor, shard=None) -> torch.Tensor:
     """Deterministic stand-in for N(0, 1) draws, the same under eager and compiled runs."""
     index = torch.arange(t.numel(), dtype=torch.float32, device=t.device).reshape(t.shape)
     return torch.sin(index * 1.7).to(t.dtype)
