@@ -27,12 +27,12 @@ import numpy as np
 import torch
 
 from progvae import dist
-from progvae.checkpoint import write_json
-from progvae.data import load_data_for, to_model_input, to_uint8_images
+from progvae.atomic import atomic_write_json
+from progvae.data import load_data_for, to_model_input
 from progvae.errors import UserError
 from progvae.evaluation.elbo import importance_weighted_metrics
 from progvae.heldout import HELDOUT_SEED, RANK_SEED_STRIDE, heldout_metrics, seeded
-from progvae.kinds import RunKind
+from progvae.kinds import RunKind, draw_samples
 from progvae.runs import load_scored
 from progvae.trainer import default_device
 
@@ -56,16 +56,6 @@ def parse_metrics(metrics, data_name: str) -> list[str]:
         raise UserError(f"fid_digits is defined for --data=digits only, not {data_name}; use "
                         "fid instead.")
     return list(dict.fromkeys(names))
-
-
-@torch.no_grad()
-def sample_images(kind: RunKind, model, n: int, temperature: float, batch_size: int
-                  ) -> np.ndarray:
-    """n samples of the kind's scored model as uint8 NHWC."""
-    batches = [to_uint8_images(kind.sample(model, min(batch_size, n - start), temperature,
-                                           None).cpu())
-               for start in range(0, n, batch_size)]
-    return np.concatenate(batches)
 
 
 @torch.no_grad()
@@ -143,8 +133,8 @@ def evaluate_run(run: str | Path, data_spec: str = "", metrics=None, split: str 
         # features; the features are gathered, so the statistics are those of all samples.
         with seeded(rank_seed, device):
             share = dist.shard(n_samples)
-            samples = sample_images(kind, model, share.stop - share.start, temperature,
-                                    batch_size)
+            samples = draw_samples(kind, model, share.stop - share.start, temperature,
+                                   batch_size)
         for metric, scorer in fid_scorers.items():
             features = dist.gather_rows(scorer.features(samples))
             result[metric] = scorer.score_features(features, images)
@@ -188,7 +178,7 @@ def write_eval(run_dir: Path, result: dict) -> None:
         if all(previous.get(key) == result[key] for key in ("step", "data", "split")):
             names = list(dict.fromkeys(previous.get("metrics", []) + result["metrics"]))
             merged = {**previous, **result, "metrics": names}
-    write_json(merged, path)
+    atomic_write_json(merged, path)
 
 
 def format_table(result: dict) -> str:

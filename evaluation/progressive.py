@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from progvae import dist
-from progvae.checkpoint import write_json
+from progvae.atomic import atomic_write_json
 from progvae.config import apply_overrides
 from progvae.controllers import build_controller
 from progvae.data import ImageData, load_data_for, to_model_input, to_uint8_images
@@ -184,7 +184,7 @@ def run_progressive(vdvae_run: str | Path, out: str | Path, data_spec: str = "",
         "seconds": round(time.perf_counter() - started, 1),
     }
     if dist.is_main():
-        write_json(table, out / "table.json")
+        atomic_write_json(table, out / "table.json")
         (out / "table.md").write_text(table_markdown(table))
         write_figure(decoder_trainer.ema_model, gamma_trainer.ema_model, data,
                      out / "reconstructions.png", config.seed)

@@ -20,7 +20,7 @@ import math
 import os
 from pathlib import Path
 
-from progvae.checkpoint import atomic_write_text, write_json
+from progvae.atomic import atomic_path, atomic_write_json, atomic_write_text
 from progvae.errors import UserError
 from progvae.kinds import KINDS
 
@@ -198,7 +198,7 @@ def lpips_against_mse(sweep: Path, lpips_weights: str = "") -> list[dict]:
                      "lpips": mean_lpips(scorer, originals, reconstructed,
                                          config.eval_batch_size),
                      "rate": summary.get("rate")})
-    write_json({"runs": rows}, sweep / "lpips_mse.json")
+    atomic_write_json({"runs": rows}, sweep / "lpips_mse.json")
     plot_lpips_against_mse(rows, sweep / "lpips_mse.png")
     return rows
 
@@ -216,6 +216,5 @@ def plot_lpips_against_mse(rows: list[dict], path: Path) -> None:
     axes.set_xscale("log")
     axes.set_xlabel("MSE per dimension ([-1, 1] scale), held-out")
     axes.set_ylabel("LPIPS (AlexNet), held-out")
-    temporary = path.with_name(path.name + ".tmp")
-    figure.savefig(temporary, format="png", dpi=120)
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=120)

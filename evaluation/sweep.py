@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 
 from progvae import dist
-from progvae.checkpoint import write_json
+from progvae.atomic import atomic_path, atomic_write_json
 from progvae.config import Config
 from progvae.controllers import (CONTROLLERS, TARGET_FIELDS, build_controller,
                                  check_controller_name, check_same_controller)
@@ -114,7 +113,7 @@ def run_sweep(config: Config, targets: list[float], out: str | Path, quiet: bool
                               out / "reconstructions.png")
         result["figures_seconds"] = round(time.perf_counter() - started, 2)
         result["reconstruction_rows"] = ["originals"] + [row["run"] for row in result["runs"]]
-        write_json(result, out / "rd.json")
+        atomic_write_json(result, out / "rd.json")
     dist.barrier()
     return result
 
@@ -166,9 +165,8 @@ def _figure(width: float = 5.5, height: float = 4.0):
 
 
 def _save(figure, path: Path) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    figure.savefig(temporary, format="png", dpi=120)
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=120)
 
 
 def plot_rate_distortion(result: dict, path: Path) -> None:

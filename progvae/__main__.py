@@ -82,11 +82,10 @@ def sample(run: str, n: int = 64, out: str = "samples.png", seed: int = 0,
     """
     import numpy as np
     import torch
-    from tqdm import tqdm
 
-    from progvae.data import to_uint8_images
     from progvae.images import save_grid
-    from progvae.runs import load_sampler
+    from progvae.kinds import draw_samples
+    from progvae.runs import load_scored
     from progvae.trainer import default_device
 
     if not (isinstance(n, int) and n > 0):
@@ -95,20 +94,14 @@ def sample(run: str, n: int = 64, out: str = "samples.png", seed: int = 0,
         raise UserError(f"--out must name a .png file, got '{out}'.")
     if npz and not str(npz).endswith(".npz"):
         raise UserError(f"--npz must name a .npz file, got '{npz}'.")
-    device = default_device()
-    kind, draw = load_sampler(run, device, stage1_temperature)
+    _, model, info = load_scored(run, default_device())
+    kind = info["kind"]
     torch.manual_seed(seed)
-    batches = []
-    with tqdm(total=n, desc=f"sampling ({kind})", disable=n <= batch_size) as bar:
-        for start in range(0, n, batch_size):
-            count = min(batch_size, n - start)
-            batches.append(to_uint8_images(draw(count, temperature).cpu()))
-            bar.update(count)
-    images = np.concatenate(batches)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    images = draw_samples(kind, model, n, temperature, batch_size, stage1_temperature,
+                          progress=n > batch_size)
     shown = images[:1024]  # a grid of more would be unreadable
     save_grid(shown, out)
-    print(f"Wrote {len(shown)} {kind} samples of '{run}' to {out}.")
+    print(f"Wrote {len(shown)} {kind.name} samples of '{run}' to {out}.")
     if npz:
         Path(npz).parent.mkdir(parents=True, exist_ok=True)
         np.savez(npz, samples=images)

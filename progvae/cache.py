@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from progvae.atomic import atomic_write_json
 from progvae.errors import UserError
 
 CACHE_FORMAT = 1  # the layout of an entry and its manifest; a different one is rebuilt
@@ -207,7 +208,7 @@ def _check_entry(directory: Path, recipe: Recipe, manifest: dict):
         return None, None, "is corrupt: it lacks the train or test split"
     if refreshed:  # remember the new mtimes, so the next load needs only the quick checks
         with contextlib.suppress(OSError):
-            _write_json_atomically(manifest, directory / MANIFEST)
+            atomic_write_json(manifest, directory / MANIFEST, indent=1)
     return arrays, manifest, None
 
 
@@ -315,15 +316,9 @@ def _build(directory: Path, recipe: Recipe) -> None:
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "build_seconds": round(seconds, 3),
     }
-    _write_json_atomically(manifest, directory / MANIFEST)
+    atomic_write_json(manifest, directory / MANIFEST, indent=1)
     counts = ", ".join(f"{record['shape'][0]:,} {split}" for split, record in records.items())
     print(f"progvae: cached {counts} images in {seconds:.1f} s.", flush=True)
-
-
-def _write_json_atomically(values: dict, path: Path) -> None:
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(values, indent=1) + "\n")
-    os.replace(temporary, path)
 
 
 def _make_folder(folder: Path) -> None:

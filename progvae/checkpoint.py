@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from progvae.atomic import atomic_path
 from progvae.config import Config
 from progvae.errors import UserError
 
@@ -17,30 +16,10 @@ CHECKPOINT = "checkpoint.pt"
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`, so a
-    kill at any moment leaves either the old file or the new one, never half of one."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(obj, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
-def write_json(values: dict, path: Path) -> None:
-    atomic_write_text(json.dumps(values, indent=2) + "\n", path)
+    """torch.save through `progvae.atomic.atomic_path`: a kill at any moment leaves either the
+    old file or the new one, never half of one."""
+    with atomic_path(path) as temporary:
+        torch.save(obj, temporary)
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -71,19 +71,17 @@ class ImageData:
         return int(self.train.shape[3])
 
 
-def load_data(spec: str, image_size: int, seed: int = 0, resize: bool = False, *,
+def load_data(spec: str, image_size: int, resize: bool = False, *,
               svhn_extra: bool = False, cache_dir: str | Path = "", workers: int = 0) -> ImageData:
     """Load the dataset named by `spec` at `image_size`×`image_size` pixels.
 
-    `seed` is accepted so callers can pass their run seed, but no split depends on it (see the
-    module docstring). `resize=True` lets a `folder:` dataset whose images are not
+    No split depends on a run's seed (see the module docstring). `resize=True` lets a `folder:` dataset whose images are not
     `image_size`×`image_size` be resized (bilinear, antialiased). `svhn_extra=True` adds SVHN's
     extra_32x32.mat to its training split. `cache_dir` overrides where cached datasets live
     (see progvae.cache.cache_root) and `workers` how many processes decode images while a cache
     is built (0: one per core). Raises `UserError` with one sentence naming the problem and the
     fix for any bad input.
     """
-    del seed  # every split is fixed on purpose
     if not isinstance(image_size, (int, np.integer)) or isinstance(image_size, bool) or image_size < 1:
         raise UserError(f"image_size must be a positive integer, got {image_size!r}; pass e.g. --image_size=32.")
     image_size = int(image_size)
@@ -113,10 +111,10 @@ def load_data(spec: str, image_size: int, seed: int = 0, resize: bool = False, *
 
 
 def load_data_for(config) -> ImageData:
-    """`load_data` with every data field of a `progvae.config.Config`: data, image_size, seed,
+    """`load_data` with every data field of a `progvae.config.Config`: data, image_size,
     resize, svhn_extra, cache_dir and data_workers. Commands that load a run's data call this,
     so a new data field reaches all of them."""
-    return load_data(config.data, config.image_size, seed=config.seed, resize=config.resize,
+    return load_data(config.data, config.image_size, resize=config.resize,
                      svhn_extra=config.svhn_extra, cache_dir=config.cache_dir,
                      workers=config.data_workers)
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
+
+from progvae.atomic import atomic_path
 
 MIN_CELL_PIXELS = 64  # tiny images (8×8 digits) are enlarged so a grid is legible on screen
 PADDING_GRAY = 128  # mid-gray separates cells on black (digits) and white (sky) backgrounds alike
@@ -18,7 +19,7 @@ def save_grid(images: np.ndarray, path: str | Path, ncols: int | None = None, pa
     `ncols` defaults to ceil(sqrt(N)); cells are separated (and framed) by `padding` mid-gray
     pixels. Images smaller than 64 pixels a side are enlarged by an integer factor with
     nearest-neighbour so each cell is at least 64 pixels. Grayscale stays grayscale. The file
-    is written to `path.tmp` and renamed, so a reader never sees half a PNG.
+    is written atomically (`progvae.atomic`), so a reader never sees half a PNG.
     """
     images = _check_images(images)
     ncols = ncols or math.ceil(math.sqrt(len(images)))
@@ -70,7 +71,5 @@ def _write_png_atomically(canvas: np.ndarray, path: Path) -> None:
 
     if canvas.shape[2] == 1:
         canvas = canvas[:, :, 0]  # a 2-D array writes a grayscale PNG
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    iio.imwrite(temporary, canvas, extension=".png")
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        iio.imwrite(temporary, canvas, extension=".png")

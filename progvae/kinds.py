@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -113,7 +114,7 @@ def _reconstruct(model: VDVAE, x: torch.Tensor) -> tuple[torch.Tensor, None]:
 
 
 def _pipeline_reconstruct(pipeline: Pipeline, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    x_tilde, final = pipeline.progressive(x)
+    x_tilde, final = pipeline.reconstruct_by_stage(x)
     return final, x_tilde
 
 
@@ -149,6 +150,26 @@ KINDS: dict[str, RunKind] = {kind.name: kind for kind in (
             terms=lambda model, x: vdvae_terms(model, x, likelihood=False),
             sample=_mean_samples, reconstruct=_reconstruct, has_likelihood=False),
 )}
+
+
+@torch.no_grad()
+def draw_samples(kind: RunKind, model: nn.Module, n: int, temperature: float = 1.0,
+                 batch_size: int = 256, stage1_temperature: float | None = None,
+                 progress: bool = False) -> np.ndarray:
+    """n samples of a kind's scored model as uint8 NHWC, drawn in batches (with a progress bar
+    if asked): the one sampling loop of `sample`, `evaluate` and the demo."""
+    from tqdm import tqdm
+
+    from progvae.data import to_uint8_images
+
+    batches = []
+    with tqdm(total=n, desc=f"sampling ({kind.name})", disable=not progress) as bar:
+        for start in range(0, n, batch_size):
+            count = min(batch_size, n - start)
+            images = kind.sample(model, count, temperature, stage1_temperature)
+            batches.append(to_uint8_images(images.cpu()))
+            bar.update(count)
+    return np.concatenate(batches)
 
 
 def get_kind(name: str | None, where: str = "this run") -> RunKind:

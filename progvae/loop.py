@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from progvae import dist
-from progvae.checkpoint import write_json
+from progvae.atomic import atomic_write_json
 from progvae.config import Config
 from progvae.data import ImageData, to_model_input, to_uint8_images
 from progvae.heldout import HELDOUT_SEED, heldout_metrics, seeded
@@ -72,7 +72,7 @@ def train_run(kind: RunKind, config: Config, out: str | Path, recipe: Recipe
     heldout = evaluate()
     summary = {**trainer.run_facts(), **summary_values(kind, heldout), **recipe.summary(heldout)}
     if dist.is_main():
-        write_json(summary, out_dir / "summary.json")
+        atomic_write_json(summary, out_dir / "summary.json")
         write_images(kind, recipe.scored(trainer.ema_model), data, out_dir, config.n_grid,
                      config.seed)
     dist.barrier()

@@ -67,7 +67,7 @@ class Pipeline(nn.Module):
         return self.stage2.head.sample(params, temperature)
 
     @torch.no_grad()
-    def progressive(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def reconstruct_by_stage(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_tilde, final): stage one's reconstruction from z ~ q(z|x) alone, then stage two's
         mean reconstruction given z_tilde ~ q(z_tilde | x, x_tilde)."""
         terms = composite_terms(self.stage1, self.stage2, x)
@@ -75,7 +75,7 @@ class Pipeline(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        return self.progressive(x)[1]
+        return self.reconstruct_by_stage(x)[1]
 
     @torch.no_grad()
     def elbo(self, x: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from progvae import dist
-from progvae.checkpoint import load_checkpoint, load_run_config, write_json
+from progvae.atomic import atomic_write_json
+from progvae.checkpoint import load_checkpoint, load_run_config
 from progvae.config import ARCHITECTURE_FIELDS, Config
 from progvae.data import ImageData, load_data_for
 from progvae.errors import UserError
@@ -43,7 +44,7 @@ def prepare_run(config: Config, out: str | Path, stage: str,
     _check_continuation(out_dir, config, stage)
     if dist.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_json({"stage": stage, **config.to_dict()}, out_dir / "config.json")
+        atomic_write_json({"stage": stage, **config.to_dict()}, out_dir / "config.json")
     dist.barrier()
     # The same seed on every rank: identical initial weights and one shared noise stream.
     torch.manual_seed(config.seed)
@@ -113,12 +114,3 @@ def _with_stage1(run, stage2: nn.Module, stage1_run, device) -> Pipeline:
     if stage1_info["kind"] is not KINDS["stage1"]:
         raise UserError(f"'{stage1_run}' is a {stage1_info['stage']} run, not a stage-one run.")
     return Pipeline(stage1, stage2).to(device).eval()
-
-
-def load_sampler(run: str | Path, device: torch.device | str = "cpu",
-                 stage1_temperature: float | None = None
-                 ) -> tuple[str, Callable[[int, float], torch.Tensor]]:
-    """(kind name, sample(n, temperature) -> images in [-1, 1]) for any run."""
-    _, model, info = load_scored(run, device)
-    kind = info["kind"]
-    return kind.name, lambda n, temperature: kind.sample(model, n, temperature, stage1_temperature)

@@ -306,7 +306,7 @@ class Trainer:
         while self.step < config.steps:
             values = self.train_step()
             self.elapsed = offset + time.perf_counter() - started
-            self.accumulate(values)
+            self.add_to_window(values)
             bar.update(1)
             if self.step % config.log_every == 0 or self.step == config.steps:
                 line = self.flush_window(values["lr"])
@@ -331,7 +331,8 @@ class Trainer:
         if self.step > first_step:   # a finished run started again is left as it was
             self.save_checkpoint()
 
-    def accumulate(self, values: dict[str, float]) -> None:
+    def add_to_window(self, values: dict[str, float]) -> None:
+        """Add one update's metrics to the running sums of the next metrics.jsonl line."""
         self.window["count"] += 1
         for name, value in values.items():
             if name != "lr" and math.isfinite(value):

@@ -119,7 +119,7 @@ def test_stage2_run_and_pipeline(stage2_run):
     levels = (first + 1) * 127.5
     assert torch.allclose(levels, levels.round(), atol=1e-4)     # on the 256-level grid
     x = first
-    x_tilde, final = pipeline.progressive(x)
+    x_tilde, final = pipeline.reconstruct_by_stage(x)
     assert x_tilde.shape == final.shape == x.shape
     assert pipeline.elbo(x).shape == (4,) and bool((pipeline.elbo(x) < 0).all())
     for name in ("summary.json", "samples.png", "reconstructions.png", "checkpoint.pt"):

@@ -8,7 +8,7 @@ import torch
 
 from progvae.config import load_config
 from progvae.kinds import KINDS
-from progvae.runs import load_model, load_sampler
+from progvae.runs import load_model, load_scored
 from progvae.stages.vdvae import ElboObjective, train_vdvae
 
 SMALL = {"width": 8, "zdim": 4, "n_mixtures": 3, "enc_blocks": "16d2,8d2,4d4,1x1",
@@ -51,8 +51,8 @@ def test_a_short_run_writes_its_summary_and_samples(tmp_path):
         assert (out / name).is_file()
     _, model, info = load_model(out)
     assert info["stage"] == "vdvae" and info["finished"]
-    kind, draw = load_sampler(out)
-    images = draw(3, 1.0)
-    assert kind == "vdvae" and images.shape == (3, 1, 16, 16)
+    _, scored, info = load_scored(out)
+    images = info["kind"].sample(scored, 3, 1.0, None)
+    assert info["kind"].name == "vdvae" and images.shape == (3, 1, 16, 16)
     levels = (images + 1) * 127.5
     assert torch.allclose(levels, levels.round(), atol=1e-4)     # DMoL samples on the grid
