@@ -56,6 +56,14 @@ class Controller:
 
     name = ""
     constrained: str | None = "distortion"   # the quantity held to the target (None: no target)
+    target_field = "distortion_target"       # the config field the target is read from (a
+                                             # sweep over targets sets it)
+
+    @classmethod
+    def from_config(cls, config: Config) -> "Controller":
+        """This controller with its target and settings from `config`, each checked: a value
+        out of range is a UserError naming the flag."""
+        raise NotImplementedError
 
     def __init__(self, target: float | None):
         self.target = target
@@ -127,6 +135,13 @@ class LagrangianController(Controller):
     """
 
     name = "lagrangian"
+
+    @classmethod
+    def from_config(cls, config: Config) -> "LagrangianController":
+        return cls(_distortion_target(config), init=config.multiplier_init,
+                   minimum=config.multiplier_min, maximum=config.multiplier_max,
+                   lr=config.multiplier_lr, beta2=config.multiplier_beta2,
+                   ema=config.distortion_ema)
 
     def __init__(self, target: float, init: float = 0.9999, minimum: float = 1e-4,
                  maximum: float = 0.9999, lr: float = 2e-4, beta2: float = 0.999,
@@ -209,6 +224,18 @@ class RateController(LagrangianController):
 
     name = "rate"
     constrained = "rate"
+    target_field = "rate_target"
+
+    @classmethod
+    def from_config(cls, config: Config) -> "RateController":
+        if not config.rate_target > 0:
+            raise UserError(
+                f"The rate target must be a positive KL in nats per dimension for "
+                f"--controller=rate (e.g. --rate_target=0.1); got {config.rate_target}.")
+        return cls(config.rate_target, init=config.multiplier_init,
+                   minimum=config.multiplier_min, maximum=config.multiplier_max,
+                   lr=config.multiplier_lr, beta2=config.multiplier_beta2,
+                   ema=config.distortion_ema)
 
     def constrained_value(self, rate: float, distortion: float) -> float:
         return rate
@@ -241,6 +268,18 @@ class GECOController(Controller):
     """
 
     name = "geco"
+
+    @classmethod
+    def from_config(cls, config: Config) -> "GECOController":
+        target = _distortion_target(config)
+        _check_range(config, [
+            ("geco_init", 0 < config.geco_min <= config.geco_init <= config.geco_max,
+             f"between geco_min={config.geco_min:g} and geco_max={config.geco_max:g}, "
+             "both positive"),
+            ("geco_lr", config.geco_lr > 0, "positive"),
+            ("geco_ema", 0 <= config.geco_ema < 1, "in [0, 1)")])
+        return cls(target, init=config.geco_init, lr=config.geco_lr, ema=config.geco_ema,
+                   minimum=config.geco_min, maximum=config.geco_max)
 
     def __init__(self, target: float, init: float = 1.0, lr: float = 1.0, ema: float = 0.99,
                  minimum: float = 1e-4, maximum: float = 1e4):
@@ -304,6 +343,15 @@ class DCOController(Controller):
 
     name = "dco"
 
+    @classmethod
+    def from_config(cls, config: Config) -> "DCOController":
+        target = _distortion_target(config)
+        _check_range(config, [("dco_lr", config.dco_lr > 0, "positive"),
+                              ("dco_momentum", 0 <= config.dco_momentum < 1, "in [0, 1)"),
+                              ("dco_max", config.dco_max > 0, "positive")])
+        return cls(target, lr=config.dco_lr, momentum=config.dco_momentum,
+                   maximum=config.dco_max)
+
     def __init__(self, target: float, lr: float = 5e-3, momentum: float = 0.99,
                  maximum: float = 1e3):
         super().__init__(target)
@@ -363,6 +411,12 @@ class HingeController(Controller):
 
     name = "hinge"
 
+    @classmethod
+    def from_config(cls, config: Config) -> "HingeController":
+        target = _distortion_target(config)
+        _check_range(config, [("hinge_weight", config.hinge_weight > 0, "positive")])
+        return cls(target, weight=config.hinge_weight)
+
     def __init__(self, target: float, weight: float = 1.0):
         super().__init__(target)
         self.weight = weight
@@ -383,6 +437,13 @@ class BetaController(Controller):
 
     name = "beta"
     constrained = None
+    target_field = "beta"   # no target: a sweep sets the fixed weight
+
+    @classmethod
+    def from_config(cls, config: Config) -> "BetaController":
+        if not config.beta >= 0:
+            raise UserError(f"--beta must be a non-negative weight on rate; got {config.beta}.")
+        return cls(config.beta)
 
     def __init__(self, beta: float = 1.0):
         super().__init__(None)
@@ -396,15 +457,14 @@ class BetaController(Controller):
         return (distortion + self.beta * rate) / (1.0 + self.beta)
 
 
-CONTROLLERS = {"lagrangian": LagrangianController, "geco": GECOController,
-               "dco": DCOController, "hinge": HingeController, "beta": BetaController,
-               "rate": RateController}
+# The registry: a new controller is one Controller subclass (with its name, target_field and
+# from_config) added here, plus its test.
+CONTROLLERS: dict[str, type[Controller]] = {controller.name: controller for controller in (
+    LagrangianController, GECOController, DCOController, HingeController, BetaController,
+    RateController)}
 
-# The config field each controller's target (for `beta`: its fixed weight) is read from; a
-# sweep over "targets" sets this field.
-TARGET_FIELDS = {"lagrangian": "distortion_target", "geco": "distortion_target",
-                 "dco": "distortion_target", "hinge": "distortion_target", "beta": "beta",
-                 "rate": "rate_target"}
+# The config field each controller's target (for `beta`: its fixed weight) is read from.
+TARGET_FIELDS = {name: controller.target_field for name, controller in CONTROLLERS.items()}
 
 
 def check_controller_name(name: str) -> None:
@@ -417,55 +477,20 @@ def build_controller(config: Config) -> Controller:
     """The controller named by `config.controller`, with its target and settings from the
     config; a missing or non-positive target is a UserError naming the flag to pass."""
     check_controller_name(config.controller)
-    name = config.controller
-    if name == "beta":
-        if not config.beta >= 0:
-            raise UserError(f"--beta must be a non-negative weight on rate; got {config.beta}.")
-        return BetaController(config.beta)
-    if name == "rate":
-        if not config.rate_target > 0:
-            raise UserError(
-                f"The rate target must be a positive KL in nats per dimension for "
-                f"--controller=rate (e.g. --rate_target=0.1); got {config.rate_target}.")
-        return RateController(
-            config.rate_target, init=config.multiplier_init, minimum=config.multiplier_min,
-            maximum=config.multiplier_max, lr=config.multiplier_lr,
-            beta2=config.multiplier_beta2, ema=config.distortion_ema)
+    return CONTROLLERS[config.controller].from_config(config)
+
+
+def _distortion_target(config: Config) -> float:
     if not config.distortion_target > 0:
         raise UserError(
             f"The distortion target must be a positive MSE per dimension on the [-1, 1] scale "
             f"(e.g. --distortion_target=0.01); got {config.distortion_target}.")
-    target = config.distortion_target
-    _check_settings(config)
-    if name == "geco":
-        return GECOController(target, init=config.geco_init, lr=config.geco_lr,
-                              ema=config.geco_ema, minimum=config.geco_min,
-                              maximum=config.geco_max)
-    if name == "dco":
-        return DCOController(target, lr=config.dco_lr, momentum=config.dco_momentum,
-                             maximum=config.dco_max)
-    if name == "hinge":
-        return HingeController(target, weight=config.hinge_weight)
-    return LagrangianController(
-        target, init=config.multiplier_init, minimum=config.multiplier_min,
-        maximum=config.multiplier_max, lr=config.multiplier_lr, beta2=config.multiplier_beta2,
-        ema=config.distortion_ema)
+    return config.distortion_target
 
 
-def _check_settings(config: Config) -> None:
-    """The settings of the chosen controller, each in its range, or one sentence naming it."""
-    ranges = {
-        "geco": [("geco_init", 0 < config.geco_min <= config.geco_init <= config.geco_max,
-                  f"between geco_min={config.geco_min:g} and geco_max={config.geco_max:g}, "
-                  "both positive"),
-                 ("geco_lr", config.geco_lr > 0, "positive"),
-                 ("geco_ema", 0 <= config.geco_ema < 1, "in [0, 1)")],
-        "dco": [("dco_lr", config.dco_lr > 0, "positive"),
-                ("dco_momentum", 0 <= config.dco_momentum < 1, "in [0, 1)"),
-                ("dco_max", config.dco_max > 0, "positive")],
-        "hinge": [("hinge_weight", config.hinge_weight > 0, "positive")],
-    }
-    for field, valid, condition in ranges.get(config.controller, []):
+def _check_range(config: Config, checks: list[tuple[str, bool, str]]) -> None:
+    """Each (field, valid, condition) of the chosen controller, or one sentence naming it."""
+    for field, valid, condition in checks:
         if not valid:
             raise UserError(f"--{field}={getattr(config, field)} is out of range for "
                             f"--controller={config.controller}; it must be {condition}.")
