@@ -384,10 +384,20 @@ COMMANDS = {"demo": demo, "stage1": stage1, "stage2": stage2, "joint": joint, "v
             "report": report, "data": data, "bench": bench}
 
 
+# Commands that take any config field as --field=value: their --help also lists the fields.
+CONFIG_COMMANDS = ("stage1", "stage2", "joint", "vdvae", "sweep", "progressive", "bench")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = _help_for_fire(argv)
     try:
-        fire.Fire(COMMANDS, command=_help_for_fire(argv), name="progvae")
+        fire.Fire(COMMANDS, command=command, name="progvae")
+    except SystemExit as done:
+        if command != argv and argv and argv[0] in CONFIG_COMMANDS and not done.code:
+            from progvae.config import describe_fields
+            print(describe_fields())
+        raise
     except UserError as error:
         print(f"progvae: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-from dataclasses import dataclass, fields
+import math
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -17,83 +18,133 @@ from typing import Any
 from progvae.errors import UserError
 
 
+def option(default: Any, help: str, *, minimum: float | None = None,
+           maximum: float | None = None, above: float | None = None,
+           below: float | None = None, choices: tuple | None = None):
+    """A config field with its metadata: the default, one line of help, and what values are
+    allowed (minimum/maximum inclusive, above/below exclusive, or a tuple of choices)."""
+    return field(default=default, metadata={
+        "help": help, "minimum": minimum, "maximum": maximum, "above": above, "below": below,
+        "choices": choices})
+
+
 @dataclass
 class Config:
+    """Every setting of a run. Each field is declared with `option`: its default, its help text
+    (shown by `--help` and in the README's table) and its allowed range or choices (checked by
+    `validate` whenever a config is loaded)."""
+
     # --- data -------------------------------------------------------------------------------
-    data: str = "digits"            # digits | patches | folder:PATH | npz:PATH
-    image_size: int = 32            # square images; the data must match (or pass --resize)
-    image_channels: int = 3         # filled in from the data when a run starts
-    resize: bool = False            # folder: data only: resize every image to image_size
-    svhn_extra: bool = False        # svhn: data only: also train on extra_32x32.mat (531,131 images)
-    cache_dir: str = ""             # where decoded datasets are cached ("": $PROGVAE_CACHE, else
-                                    #   $XDG_CACHE_HOME/progvae or ~/.cache/progvae)
-    data_workers: int = 0           # processes decoding images while a cache is built (0: one per core)
+    data: str = option("digits", "the dataset: digits | patches | folder:PATH | npz:PATH | "
+                       "svhn:DIR | celeba:DIR | lsun:DIR")
+    image_size: int = option(32, "square images of this many pixels a side; the data must "
+                             "match (or pass --resize)", minimum=1)
+    image_channels: int = option(3, "filled in from the data when a run starts", choices=(1, 3))
+    resize: bool = option(False, "folder: data only: resize every image to image_size")
+    svhn_extra: bool = option(False, "svhn: data only: also train on extra_32x32.mat "
+                              "(531,131 images)")
+    cache_dir: str = option("", "where decoded datasets are cached (empty: $PROGVAE_CACHE, "
+                            "else $XDG_CACHE_HOME/progvae or ~/.cache/progvae)")
+    data_workers: int = option(0, "processes decoding images while a cache is built (0: one "
+                               "per core)", minimum=0)
 
     # --- VDVAE architecture (Child 2020; paper 003 A.1) ---------------------------------------
-    enc_blocks: str = "32x11,32d2,16x6,16d2,8x6,8d2,4x3,4d4,1x3"   # bottom-up encoder
-    dec_blocks: str = "1x1,4m1,4x2,8m4,8x5,16m8,16x10,32m16,32x21"  # top-down decoder
-    width: int = 384                # channels of the residual stream
-    custom_width: str = ""          # per-resolution widths, e.g. "32:64,16:128"
-    zdim: int = 16                  # channels of each latent group
-    bottleneck_multiple: float = 0.25  # bottleneck width of residual blocks / width
-    precision_weighted_merge: bool = False  # Sonderby et al. 2016 posterior (paper 002 A.1)
-    n_mixtures: int = 10            # components of the DMoL head (stage two, vdvae)
+    enc_blocks: str = option("32x11,32d2,16x6,16d2,8x6,8d2,4x3,4d4,1x3",
+                             "bottom-up encoder block string")
+    dec_blocks: str = option("1x1,4m1,4x2,8m4,8x5,16m8,16x10,32m16,32x21",
+                             "top-down decoder block string (one latent group per block)")
+    width: int = option(384, "channels of the residual stream", minimum=1)
+    custom_width: str = option("", 'per-resolution widths, e.g. "32:64,16:128"')
+    zdim: int = option(16, "channels of each latent group", minimum=1)
+    bottleneck_multiple: float = option(0.25, "bottleneck width of residual blocks / width",
+                                        above=0)
+    precision_weighted_merge: bool = option(False, "Sonderby et al. 2016 posterior "
+                                            "(paper 002 A.1)")
+    n_mixtures: int = option(10, "components of the DMoL head (stage two, vdvae)", minimum=1)
 
     # --- optimisation (paper 003 A.1, VDVAE defaults) -----------------------------------------
-    batch_size: int = 16            # per process; global batch = batch_size x world size x accumulate
-    accumulate: int = 1             # gradient-accumulation micro-steps per update
-    lr: float = 2e-4
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.9
-    weight_decay: float = 0.0
-    warmup_steps: int = 0           # linear learning-rate warm-up (paper: 0)
-    grad_clip: float = 200.0        # gradient-norm clipping (VDVAE default)
-    skip_threshold: float = 500.0   # skip the update when the grad norm exceeds this (<=0: never)
-    ema_rate: float = 0.9999        # EMA of parameters, used for evaluation and sampling
-    steps: int = 800_000            # optimizer updates (paper: 800K)
-    seed: int = 0
+    batch_size: int = option(16, "images per process per micro-step; global batch = batch_size "
+                             "x processes x accumulate", minimum=1)
+    accumulate: int = option(1, "gradient-accumulation micro-steps per update", minimum=1)
+    lr: float = option(2e-4, "Adam learning rate", above=0)
+    adam_beta1: float = option(0.9, "Adam beta1", minimum=0, below=1)
+    adam_beta2: float = option(0.9, "Adam beta2 (VDVAE's 0.9)", minimum=0, below=1)
+    weight_decay: float = option(0.0, "Adam weight decay", minimum=0)
+    warmup_steps: int = option(0, "linear learning-rate warm-up (paper: 0)", minimum=0)
+    grad_clip: float = option(200.0, "gradient-norm clipping (VDVAE default)", above=0)
+    skip_threshold: float = option(500.0, "skip the update when the gradient norm exceeds this "
+                                   "(<= 0: never)")
+    ema_rate: float = option(0.9999, "EMA of the parameters, used for evaluation and sampling",
+                             minimum=0, maximum=1)
+    steps: int = option(800_000, "optimizer updates (paper: 800K)", minimum=1)
+    seed: int = option(0, "seed of the initial weights, the data order and the noise")
 
     # --- stage-one constraint (paper 003 A.5, paper 002 B.2) ----------------------------------
-    controller: str = "lagrangian"
-    distortion_target: float = 0.0  # MSE per dimension on the [-1, 1] scale; stage one needs > 0
-    multiplier_init: float = 0.9999
-    multiplier_min: float = 1e-4
-    multiplier_max: float = 0.9999
-    multiplier_lr: float = 2e-4     # Adam on the multiplier, betas (0, 0.999)
-    multiplier_beta2: float = 0.999
-    distortion_ema: float = 0.99    # EMA of D that drives the multiplier
-    # controllers other than the default (progvae/controllers.py; --controller=NAME):
-    rate_target: float = 0.0        # rate: KL target in nats/dim (paper 003 A.5, last sentence)
-    geco_init: float = 1.0          # geco: lam at step 0 (paper 004 Algorithm 1)
-    geco_lr: float = 1.0            # geco: log lam += geco_lr * C_ma each update (Alg. 1 caption)
-    geco_ema: float = 0.99          # geco: alpha of the constraint moving average (paper 004 §4.1)
-    geco_min: float = 1e-4          # geco: lam clipped to [geco_min, geco_max] (not in the paper;
-    geco_max: float = 1e4           #   the lagrangian's [1e-4, 0.9999] as odds lam / (1 - lam))
-    dco_lr: float = 5e-3            # dco: SGD on log lam (paper 000 §4.1)
-    dco_momentum: float = 0.99      # dco: SGD momentum, dampening equal to it (paper 000 §3.1.1)
-    dco_max: float = 1e3            # dco: clip lam <= dco_max, and start there (paper 000 §3.1.1)
-    hinge_weight: float = 1.0       # hinge: fixed lam of R + lam max(D/c - 1, 0) (paper 000 eq. 4)
-    beta: float = 1.0               # beta: fixed weight of D + beta R (no target)
-    constraint_tolerance: float = 0.05  # summary: met if held-out D (R) <= target * (1 + this)
+    controller: str = option("lagrangian", "how the rate-distortion multiplier is set: "
+                             "lagrangian | geco | dco | hinge | beta | rate")
+    distortion_target: float = option(0.0, "MSE per dimension on the [-1, 1] scale; stage one "
+                                      "needs > 0", minimum=0)
+    multiplier_init: float = option(0.9999, "lagrangian, rate: the multiplier's start",
+                                    minimum=0, maximum=1)
+    multiplier_min: float = option(1e-4, "lagrangian, rate: the multiplier's lower limit",
+                                   minimum=0, maximum=1)
+    multiplier_max: float = option(0.9999, "lagrangian, rate: the multiplier's upper limit",
+                                   minimum=0, maximum=1)
+    multiplier_lr: float = option(2e-4, "lagrangian, rate: Adam on the multiplier, betas "
+                                  "(0, multiplier_beta2)", above=0)
+    multiplier_beta2: float = option(0.999, "lagrangian, rate: that Adam's beta2",
+                                     minimum=0, below=1)
+    distortion_ema: float = option(0.99, "lagrangian, rate: EMA of D (R) that drives the "
+                                   "multiplier", minimum=0, below=1)
+    rate_target: float = option(0.0, "rate: KL target in nats/dim (paper 003 A.5, last "
+                                "sentence)", minimum=0)
+    geco_init: float = option(1.0, "geco: lam at step 0 (paper 004 Algorithm 1)", above=0)
+    geco_lr: float = option(1.0, "geco: log lam += geco_lr * C_ma each update (Alg. 1 "
+                            "caption)", above=0)
+    geco_ema: float = option(0.99, "geco: alpha of the constraint moving average (paper 004 "
+                             "§4.1)", minimum=0, below=1)
+    geco_min: float = option(1e-4, "geco: lam clipped below (not in the paper; the "
+                             "lagrangian's 1e-4 as odds)", above=0)
+    geco_max: float = option(1e4, "geco: lam clipped above (the lagrangian's 0.9999 as odds "
+                             "lam / (1 - lam))", above=0)
+    dco_lr: float = option(5e-3, "dco: SGD on log lam (paper 000 §4.1)", above=0)
+    dco_momentum: float = option(0.99, "dco: SGD momentum, dampening equal to it (paper 000 "
+                                 "§3.1.1)", minimum=0, below=1)
+    dco_max: float = option(1e3, "dco: clip lam <= dco_max, and start there (paper 000 "
+                            "§3.1.1)", above=0)
+    hinge_weight: float = option(1.0, "hinge: fixed lam of R + lam max(D/c - 1, 0) (paper 000 "
+                                 "eq. 4)", above=0)
+    beta: float = option(1.0, "beta: fixed weight of D + beta R (no target)", minimum=0)
+    constraint_tolerance: float = option(0.05, "summary: the target counts as met if held-out "
+                                         "D (R) <= target * (1 + this)", minimum=0)
 
-    # --- stage two ----------------------------------------------------------------------------
-    stage1: str = ""                # the stage-one run directory stage two is trained on
-    latent_groups: int = 0          # progressive runs: the leading latent groups coded (K)
+    # --- stage two and the progressive experiment ----------------------------------------------
+    stage1: str = option("", "stage two: the stage-one run directory it is trained on (set by "
+                         "--stage1)")
+    latent_groups: int = option(0, "progressive runs: the leading latent groups coded (K; set "
+                                "by the experiment)", minimum=0)
 
     # --- bookkeeping --------------------------------------------------------------------------
-    log_every: int = 50             # steps between metrics.jsonl lines
-    eval_every: int = 5000          # steps between held-out evaluations (0: only at the end)
-    checkpoint_every: int = 5000    # steps between checkpoints (a final one is always written)
-    eval_batch_size: int = 64
-    n_grid: int = 64                # images in samples.png / reconstructions.png
-    num_threads: int = 0            # torch CPU threads (0: torch's default)
-    dist_timeout: float = 1800.0    # seconds a rank waits for its peers before the run fails
+    log_every: int = option(50, "steps between metrics.jsonl lines", minimum=1)
+    eval_every: int = option(5000, "steps between held-out evaluations (0: only at the end)",
+                             minimum=0)
+    checkpoint_every: int = option(5000, "steps between checkpoints (0: only the final one, "
+                                   "which is always written)", minimum=0)
+    eval_batch_size: int = option(64, "images per batch of held-out evaluation", minimum=1)
+    n_grid: int = option(64, "images in samples.png and reconstructions.png", minimum=1)
+    num_threads: int = option(0, "torch CPU threads (0: torch's default)", minimum=0)
+    dist_timeout: float = option(1800.0, "seconds a rank waits for its peers before the run "
+                                 "fails", above=0)
 
     # --- speed (progvae/performance.py); "auto" = on for CUDA, off for CPU -------------------
-    precision: str = "auto"         # auto | fp32 | bf16 (autocast; KL and likelihood stay fp32)
-    channels_last: str = "auto"     # auto | true | false: NHWC memory format for convolutions
-    compile: str = "auto"           # auto | true | false: torch.compile the loss computation
-    checkpoint_activations: bool = False  # recompute each block's activations in backward
+    precision: str = option("auto", "autocast precision (KL and likelihood stay fp32)",
+                            choices=("auto", "fp32", "bf16"))
+    channels_last: str = option("auto", "NHWC memory format for convolutions",
+                                choices=("auto", "true", "false"))
+    compile: str = option("auto", "torch.compile the loss computation",
+                          choices=("auto", "true", "false"))
+    checkpoint_activations: bool = option(False, "recompute each block's activations in "
+                                          "backward (less memory, more compute)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -177,7 +228,56 @@ def apply_overrides(config: Config, overrides: dict[str, Any], source: str) -> C
             raise UserError(f"Unknown config field '{name}' in {source}{hint}; "
                             "see progvae/config.py for the fields.")
         values[name] = _coerce(name, kinds[name], value, source)
+        _check_allowed(name, values[name], source)
     return dataclasses.replace(config, **values)
+
+
+def allowed(name: str) -> str:
+    """What values field `name` allows, in words ("" when any value of its type is fine)."""
+    meta = Config.__dataclass_fields__[name].metadata
+    if meta.get("choices"):
+        return "one of " + ", ".join(str(choice) for choice in meta["choices"])
+    bounds = []
+    for key, symbol in (("minimum", ">="), ("above", ">"), ("maximum", "<="), ("below", "<")):
+        if meta.get(key) is not None:
+            bounds.append(f"{symbol} {meta[key]:g}")
+    return " and ".join(bounds)
+
+
+def _check_allowed(name: str, value: Any, source: str) -> None:
+    meta = Config.__dataclass_fields__[name].metadata
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"Config field '{name}' in {source} must be a finite number, got "
+                        f"{value!r}; pass e.g. --{name}={Config.__dataclass_fields__[name].default}.")
+    choices = meta.get("choices")
+    inside = value in choices if choices else all((
+        meta.get("minimum") is None or value >= meta["minimum"],
+        meta.get("above") is None or value > meta["above"],
+        meta.get("maximum") is None or value <= meta["maximum"],
+        meta.get("below") is None or value < meta["below"]))
+    if not inside:
+        raise UserError(f"Config field '{name}' in {source} must be {allowed(name)}, got "
+                        f"{value!r}; pass e.g. --{name}={Config.__dataclass_fields__[name].default}.")
+
+
+def describe_fields() -> str:
+    """Every config field as `--name=default  help [allowed]`, for `--help`."""
+    lines = ["Config fields (each can be set as --name=value):"]
+    for item in fields(Config):
+        rule = allowed(item.name)
+        lines.append(f"  --{item.name}={item.default!r}\n      {item.metadata['help']}"
+                     + (f" [{rule}]" if rule else ""))
+    return "\n".join(lines)
+
+
+def fields_markdown() -> str:
+    """The README's table of config fields, generated from their declarations."""
+    rows = ["| field | default | allowed | what |", "| --- | --- | --- | --- |"]
+    for item in fields(Config):
+        default = repr(item.default) if isinstance(item.default, str) else str(item.default)
+        rows.append(f"| `{item.name}` | `{default}` | {allowed(item.name) or 'any'} | "
+                    f"{item.metadata['help'].replace('|', '/')} |")
+    return "\n".join(rows)
 
 
 def load_config(preset: str, overrides: dict[str, Any] | None = None) -> Config:

@@ -94,6 +94,17 @@ def test_images_of_the_wrong_size(tmp_path):
     assert_one_sentence_error(result, "20", "16")
 
 
+@pytest.mark.parametrize("flag, needle", [
+    ("--steps=0", "'steps'"), ("--steps=-5", "'steps'"), ("--ema_rate=5", "'ema_rate'"),
+    ("--log_every=0", "'log_every'"), ("--eval_batch_size=0", "'eval_batch_size'"),
+    ("--n_grid=0", "'n_grid'"), ("--accumulate=0", "'accumulate'"), ("--width=0", "'width'"),
+    ("--batch_size=0", "'batch_size'"), ("--precision=fp16", "'precision'")])
+def test_values_out_of_range_are_refused_before_anything_is_written(finished_run, flag, needle):
+    before = snapshot(finished_run)
+    assert_one_sentence_error(stage1(f"--out={finished_run}", flag), needle)
+    assert snapshot(finished_run) == before
+
+
 def test_unknown_preset_and_field_and_bad_type(tmp_path, finished_run):
     before = snapshot(finished_run)
     assert_one_sentence_error(
@@ -108,7 +119,7 @@ def test_non_positive_distortion_target(finished_run, target):
     before = snapshot(finished_run)
     result = progvae("stage1", "--config=digits", f"--distortion_target={target}",
                      f"--out={finished_run}", *QUICK)
-    assert_one_sentence_error(result, "distortion target")
+    assert_one_sentence_error(result, "distortion")
     assert snapshot(finished_run) == before
 
 
@@ -135,4 +146,7 @@ def test_help_shows_the_command_instead_of_reading_a_config_field(command, tmp_p
     assert result.returncode == 0, result.stderr
     shown = result.stdout + result.stderr   # fire writes help to stderr when not on a terminal
     assert f"progvae {command}" in shown and "Unknown config field" not in shown
+    # every config field, with its default, help and range
+    assert "--ema_rate=0.9999" in shown and "used for evaluation and sampling" in shown
+    assert "--steps=800000" in shown and "[>= 1]" in shown
     assert not any(tmp_path.iterdir())   # asking for help trains nothing

@@ -38,8 +38,28 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 FIELD_TYPES = {f.name: f.type for f in fields(Config)}
-VALUES = {"int": st.integers(-10**9, 10**9), "float": st.floats(allow_nan=False),
-          "str": st.text(max_size=20), "bool": st.booleans()}
+META = {f.name: f.metadata for f in fields(Config)}
+
+
+def allowed_values(name: str):
+    """Values of the field's type inside its declared range or choices."""
+    meta, kind = META[name], FIELD_TYPES[name]
+    if meta["choices"]:
+        return st.sampled_from(meta["choices"])
+    if kind == "str":
+        return st.text(max_size=20)
+    if kind == "bool":
+        return st.booleans()
+    low = meta["minimum"] if meta["minimum"] is not None else meta["above"]
+    high = meta["maximum"] if meta["maximum"] is not None else meta["below"]
+    if kind == "int":
+        return st.integers(-10**9 if low is None else int(low), 10**9 if high is None else int(high))
+    return st.floats(min_value=low, max_value=high, allow_nan=False, allow_infinity=False,
+                     exclude_min=meta["above"] is not None, exclude_max=meta["below"] is not None)
+
+
+BOUNDED = sorted(name for name, meta in META.items()
+                 if any(meta[key] is not None for key in ("minimum", "above", "maximum", "below")))
 WRONG = {"int": st.one_of(st.text(min_size=1).filter(lambda t: t.lower() not in ("true", "false")),
                           st.floats(allow_nan=False).filter(lambda v: not v.is_integer())),
          "float": st.one_of(st.text(min_size=1), st.booleans(), st.none()),
@@ -48,10 +68,10 @@ WRONG = {"int": st.one_of(st.text(min_size=1).filter(lambda t: t.lower() not in 
          "str": st.one_of(st.none(), st.lists(st.integers(), max_size=2))}
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(st.sampled_from(sorted(FIELD_TYPES)), st.data())
-def test_any_value_of_a_fields_type_is_taken_as_given(name, data):
-    value = data.draw(VALUES[FIELD_TYPES[name]])
+def test_any_allowed_value_is_taken_as_given(name, data):
+    value = data.draw(allowed_values(name))
     config = load_config("digits", {name: value})
     assert getattr(config, name) == value
     assert Config.from_dict(config.to_dict()) == config
@@ -65,8 +85,40 @@ def test_a_value_of_the_wrong_type_is_refused_naming_the_field(name, data):
         load_config("digits", {name: value})
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(BOUNDED), st.floats(min_value=1e-6, max_value=1e6), st.booleans())
+def test_a_value_outside_a_fields_range_is_refused_naming_it(name, distance, at_the_low_end):
+    meta = META[name]
+    low = meta["minimum"] if meta["minimum"] is not None else meta["above"]
+    high = meta["maximum"] if meta["maximum"] is not None else meta["below"]
+    edge, sign = (low, -1) if at_the_low_end else (high, 1)
+    if edge is None:
+        edge, sign = (high, 1) if low is None else (low, -1)
+    value = edge + sign * distance
+    if FIELD_TYPES[name] == "int":
+        value = int(edge) + sign * max(1, int(distance))
+    with pytest.raises(UserError, match=f"Config field '{name}'.*must be"):
+        load_config("digits", {name: value})
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_numbers_are_refused(value):
+    with pytest.raises(UserError, match="finite"):
+        load_config("digits", {"distortion_target": value})
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.text(min_size=1, max_size=30).filter(lambda name: name not in FIELD_TYPES))
 def test_an_unknown_field_is_refused_naming_it(name):
     with pytest.raises(UserError, match="Unknown config field"):
         load_config("digits", {name: 1})
+
+
+def test_the_readme_table_of_fields_is_generated_from_their_declarations():
+    from pathlib import Path
+
+    from progvae.config import fields_markdown
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert fields_markdown() in readme, "regenerate it: python -c 'from progvae.config " \
+        "import fields_markdown; print(fields_markdown())'"
