@@ -172,12 +172,12 @@ def lpips_against_mse(sweep: Path, lpips_weights: str = "") -> list[dict]:
     written as lpips_mse.json and plotted as lpips_mse.png inside the sweep folder."""
     import torch
 
-    from progvae.data import load_data_for, to_model_input
-    from progvae.evaluation.evaluate import mean_lpips, reconstructions
-    from progvae.evaluation.lpips_metric import LpipsScorer
+    from progvae.data.loading import load_data_for, to_model_input
+    from progvae.evaluation.metrics.evaluate import mean_lpips, reconstructions
+    from progvae.evaluation.metrics.lpips_metric import LpipsScorer
     from progvae.heldout import seeded
     from progvae.runs import load_scored
-    from progvae.trainer import default_device
+    from progvae.training.trainer import default_device
 
     run_dirs = sorted(path for path in sweep.glob("target_*") if path.is_dir())
     if not run_dirs:

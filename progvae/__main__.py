@@ -25,7 +25,7 @@ def stage1(config: str = "tiny", out: str = "", quiet: bool = False, **overrides
 
     Example: python -m progvae stage1 --config=tiny --data=patches --out=runs/s1
              --distortion_target=0.015 --steps=3000 --checkpoint_every=500
-    --controller=NAME picks how the rate-distortion multiplier is set (progvae/controllers.py):
+    --controller=NAME picks how the rate-distortion multiplier is set (progvae/training/controllers.py):
       lagrangian  projected Lagrangian of paper 003 A.5 (default)
       geco        GECO, paper 004 Algorithm 1            (--geco_lr, --geco_ema, ...)
       dco         D-CO, paper 000 eq. 3                  (--dco_lr, --dco_momentum, --dco_max)
@@ -83,10 +83,10 @@ def sample(run: str, n: int = 64, out: str = "samples.png", seed: int = 0,
     import numpy as np
     import torch
 
-    from progvae.images import save_grid
+    from progvae.data.images import save_grid
     from progvae.kinds import draw_samples
     from progvae.runs import load_scored
-    from progvae.trainer import default_device
+    from progvae.training.trainer import default_device
 
     if not (isinstance(n, int) and n > 0):
         raise UserError(f"--n must be a positive integer, got {n!r}.")
@@ -115,7 +115,7 @@ def demo(out: str = "runs/demo", steps: int | None = None, stage2_steps: int = D
     grids, summaries and pipeline samples (OUT/samples.png), ending with the two-stage model's
     held-out ELBO (bits/dim) and fid_digits."""
     from progvae.config import load_config
-    from progvae.evaluation.evaluate import evaluate_run
+    from progvae.evaluation.metrics.evaluate import evaluate_run
     from progvae.stages.stage1 import train_stage1
     from progvae.stages.stage2 import train_stage2
 
@@ -158,7 +158,7 @@ def sweep(config: str = "tiny", out: str = "", targets=None, quiet: bool = True,
     --field=value.
     """
     from progvae.config import load_config
-    from progvae.evaluation.sweep import parse_targets, run_sweep
+    from progvae.evaluation.experiments.sweep import parse_targets, run_sweep
 
     config = load_config(config, overrides)
     result = run_sweep(config, parse_targets(targets), out, quiet=quiet)
@@ -184,12 +184,12 @@ def data(data: str = "", image_size: int = 0, out: str = "preview.png", n: int =
     --image_size defaults to the dataset's own (64 for celeba and lsun, 32 for svhn);
     --verify=True checksums every byte of the cache.
     """
-    from progvae.cache import verify_cache
-    from progvae.data import describe, evenly_spaced, load_data, natural_image_size
-    from progvae.images import save_grid
+    from progvae.data.cache import verify_cache
+    from progvae.data.loading import describe, evenly_spaced, load_data, natural_image_size
+    from progvae.data.images import save_grid
 
     if not data:
-        raise UserError("Pass --data=SPEC, e.g. --data=svhn:/data/svhn; see progvae/data.py for the specs.")
+        raise UserError("Pass --data=SPEC, e.g. --data=svhn:/data/svhn; see progvae/data/loading.py for the specs.")
     if not str(out).lower().endswith(".png"):
         raise UserError(f"--out must name a .png file, got '{out}'.")
     dataset = load_data(data, image_size or natural_image_size(data), resize=resize,
@@ -229,7 +229,7 @@ def evaluate(run: str = "", data: str = "", metrics=None, split: str = "test",
     """
     import torch
 
-    from progvae.evaluation.evaluate import evaluate_run, format_table
+    from progvae.evaluation.metrics.evaluate import evaluate_run, format_table
 
     if not run:
         raise UserError("Pass --run=RUN, the directory of a trained run.")
@@ -275,7 +275,7 @@ def progressive(run: str = "", out: str = "", data: str = "", max_resolution: in
     overrides apply to both training runs (e.g. --lr, --multiplier_init, --num_threads).
     Writes OUT/table.md, table.json, reconstructions.png; re-running resumes.
     """
-    from progvae.evaluation.progressive import run_progressive
+    from progvae.evaluation.experiments.progressive import run_progressive
 
     if not run:
         raise UserError("Pass --run=RUN, the directory of a finished vdvae run.")
@@ -317,7 +317,7 @@ def bench(config: str = "tiny", model: str = "stage1", batch: int | None = None,
     most time). Any config field can be overridden, e.g. --checkpoint_activations=True.
     """
     from progvae.config import load_config
-    from progvae.evaluation.bench import format_result, run_bench, write_result
+    from progvae.evaluation.benchmarks.bench import format_result, run_bench, write_result
 
     overrides.update(precision=precision, compile=compile)
     if batch is not None:
@@ -334,7 +334,7 @@ def bench(config: str = "tiny", model: str = "stage1", batch: int | None = None,
 
 def _stage2_config(stage1_run: str, preset: str, overrides: dict):
     """Stage two's config: a preset if given, else the stage-one run's own config.json."""
-    from progvae.checkpoint import load_run_config
+    from progvae.training.checkpoint import load_run_config
     from progvae.config import apply_overrides, load_config
 
     if preset:
@@ -375,7 +375,7 @@ def _print_stage1_summary(summary: dict, out: str) -> None:
 
 
 def _is_main() -> bool:
-    from progvae import dist
+    from progvae.training import dist
     return dist.is_main()
 
 
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"progvae: error: {error}", file=sys.stderr)
         sys.exit(2)
     finally:
-        from progvae import dist
+        from progvae.training import dist
         dist.cleanup()
 
 

@@ -136,7 +136,7 @@ class Config:
     dist_timeout: float = option(1800.0, "seconds a rank waits for its peers before the run "
                                  "fails", above=0)
 
-    # --- speed (progvae/performance.py); "auto" = on for CUDA, off for CPU -------------------
+    # --- speed (progvae/training/performance.py); "auto" = on for CUDA, off for CPU -------------------
     precision: str = option("auto", "autocast precision (KL and likelihood stay fp32)",
                             choices=("auto", "fp32", "bf16"))
     channels_last: str = option("auto", "NHWC memory format for convolutions",

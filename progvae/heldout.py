@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from progvae import dist
-from progvae.data import to_model_input
+from progvae.training import dist
+from progvae.data.loading import to_model_input
 from progvae.kinds import RunKind
 
 HELDOUT_SEED = 0          # the seed of every held-out evaluation unless `evaluate --seed` says

@@ -27,10 +27,10 @@ from torch import nn
 
 from progvae.config import Config
 from progvae.errors import UserError
-from progvae.heads import mse_per_image
-from progvae.masked_coder import MaskedCoder
-from progvae.pipeline import Pipeline, composite_terms
-from progvae.vdvae import VDVAE, latent_log_ratio
+from progvae.models.heads import mse_per_image
+from progvae.models.masked_coder import MaskedCoder
+from progvae.models.pipeline import Pipeline, composite_terms
+from progvae.models.vdvae import VDVAE, latent_log_ratio
 
 Terms = dict[str, torch.Tensor]
 
@@ -160,7 +160,7 @@ def draw_samples(kind: RunKind, model: nn.Module, n: int, temperature: float = 1
     if asked): the one sampling loop of `sample`, `evaluate` and the demo."""
     from tqdm import tqdm
 
-    from progvae.data import to_uint8_images
+    from progvae.data.loading import to_uint8_images
 
     batches = []
     with tqdm(total=n, desc=f"sampling ({kind.name})", disable=not progress) as bar:

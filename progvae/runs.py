@@ -10,14 +10,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-from progvae import dist
+from progvae.training import dist
 from progvae.atomic import atomic_write_json
-from progvae.checkpoint import load_checkpoint, load_run_config
+from progvae.training.checkpoint import load_checkpoint, load_run_config
 from progvae.config import ARCHITECTURE_FIELDS, Config
-from progvae.data import ImageData, load_data_for
+from progvae.data.loading import ImageData, load_data_for
 from progvae.errors import UserError
 from progvae.kinds import KINDS, get_kind
-from progvae.pipeline import Pipeline
+from progvae.models.pipeline import Pipeline
 
 
 def prepare_run(config: Config, out: str | Path, stage: str,

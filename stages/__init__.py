@@ -1,1 +1,1 @@
-"""Training stages: each builds its model and objective and hands them to progvae.trainer."""
+"""Training stages: each supplies its objective (and what else is its own) to progvae.training.loop.train_run."""

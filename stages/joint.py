@@ -7,7 +7,7 @@ from pathlib import Path
 
 from progvae.config import Config
 from progvae.kinds import KINDS
-from progvae.loop import Recipe, train_run
+from progvae.training.loop import Recipe, train_run
 from progvae.stages.stage2 import CompositeObjective
 
 

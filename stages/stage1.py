@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
-from progvae import dist
+from progvae.training import dist
 from progvae.config import Config
-from progvae.controllers import (build_controller, check_same_controller, constraint_summary,
+from progvae.training.controllers import (build_controller, check_same_controller, constraint_summary,
                                   constraint_warning)
-from progvae.distributions import NoiseShard
+from progvae.models.distributions import NoiseShard
 from progvae.kinds import KINDS
-from progvae.loop import Recipe, train_run
+from progvae.training.loop import Recipe, train_run
 
 
 class Stage1Objective:
@@ -46,7 +46,7 @@ class Stage1Objective:
 
 def controller_summary(controller, tolerance: float):
     """summary.json keys of a constrained run from its held-out metrics: the multiplier and
-    whether the constraint was met (progvae.controllers.constraint_summary)."""
+    whether the constraint was met (progvae.training.controllers.constraint_summary)."""
     def summarise(heldout: dict) -> dict:
         return {"multiplier": controller.multiplier,
                 **constraint_summary(controller, heldout["rate"], heldout["mse"], tolerance)}

@@ -9,17 +9,17 @@ from pathlib import Path
 
 import torch
 
-from progvae import dist
+from progvae.training import dist
 from progvae.config import Config
-from progvae.data import ImageData
-from progvae.distributions import NoiseShard
+from progvae.data.loading import ImageData
+from progvae.models.distributions import NoiseShard
 from progvae.errors import UserError
 from progvae.kinds import KINDS
-from progvae.loop import Recipe, train_run
-from progvae.pipeline import Pipeline, composite_terms
+from progvae.training.loop import Recipe, train_run
+from progvae.models.pipeline import Pipeline, composite_terms
 from progvae.runs import load_model
-from progvae.trainer import FixedObjective, default_device
-from progvae.vdvae import VDVAE
+from progvae.training.trainer import FixedObjective, default_device
+from progvae.models.vdvae import VDVAE
 
 
 class CompositeObjective(FixedObjective):

@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 
 from progvae.config import Config
-from progvae.distributions import NoiseShard
+from progvae.models.distributions import NoiseShard
 from progvae.kinds import KINDS
-from progvae.loop import Recipe, train_run
-from progvae.trainer import FixedObjective
-from progvae.vdvae import VDVAE
+from progvae.training.loop import Recipe, train_run
+from progvae.training.trainer import FixedObjective
+from progvae.models.vdvae import VDVAE
 
 
 class ElboObjective(FixedObjective):

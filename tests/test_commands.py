@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from progvae.data import load_data, to_model_input
+from progvae.data.loading import load_data, to_model_input
 from progvae.runs import load_model, load_scored
 
 TINY = ["--config=digits", "--width=8", "--zdim=4", "--n_mixtures=3",

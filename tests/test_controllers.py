@@ -1,4 +1,4 @@
-"""The constraint controllers (progvae/controllers.py): each moves its weight on the constrained
+"""The constraint controllers (progvae/training/controllers.py): each moves its weight on the constrained
 term the right way, keeps its bounds, resumes exactly, and reports a missed target."""
 
 import dataclasses
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from progvae.config import Config, load_config
-from progvae.controllers import (CONTROLLERS, DCOController, GECOController,
+from progvae.training.controllers import (CONTROLLERS, DCOController, GECOController,
                                  LagrangianController, build_controller, constraint_summary,
                                  constraint_warning)
 from progvae.errors import UserError

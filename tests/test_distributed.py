@@ -92,7 +92,7 @@ def test_gather_rows_concatenates_uneven_shares_in_rank_order(tmp_path):
     script = tmp_path / "gather.py"
     script.write_text(
         "import sys, torch\n"
-        "from progvae import dist\n"
+        "from progvae.training import dist\n"
         "dist.setup(60)\n"
         "first = 10 * dist.rank()\n"
         "rows = torch.arange(first, first + 3 + dist.rank()).double().unsqueeze(1).repeat(1, 2)\n"

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from progvae.dmol import DmolHead, dmol_log_probs_all_levels, n_dmol_params
+from progvae.models.dmol import DmolHead, dmol_log_probs_all_levels, n_dmol_params
 
 LEVELS = torch.arange(256) / 127.5 - 1
 
@@ -176,7 +176,7 @@ def test_bad_shapes_are_rejected():
 
 def test_bin_probabilities_match_a_float64_cdf_difference():
     """The stable float32 form equals the textbook CDF difference computed in float64."""
-    from progvae.dmol import discretized_logistic_log_prob
+    from progvae.models.dmol import discretized_logistic_log_prob
 
     generator = torch.Generator().manual_seed(2)
     mean = (torch.randn(4000, generator=generator) * 0.7).double()

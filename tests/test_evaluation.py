@@ -97,14 +97,14 @@ def stage2_run(tmp_path_factory) -> Path:
 
 
 def digit_images(n: int, offset: int = 0) -> np.ndarray:
-    from progvae.data import load_data
+    from progvae.data.loading import load_data
 
     return load_data("digits", 16).train[offset:offset + n]
 
 
 # ----------------------------------------------------------------------------------- FID
 def test_frechet_distance_matches_the_closed_form():
-    from progvae.evaluation.fid import frechet_distance
+    from progvae.evaluation.metrics.fid import frechet_distance
 
     rng = np.random.default_rng(0)
     # Diagonal covariances: |mu1 - mu2|^2 + sum (s1 + s2 - 2 sqrt(s1 s2)).
@@ -125,7 +125,7 @@ def test_frechet_distance_matches_the_closed_form():
 
 
 def test_inception_weights_load_from_a_local_file(inception_file):
-    from progvae.evaluation.fid import FidScorer
+    from progvae.evaluation.metrics.fid import FidScorer
 
     scorer = FidScorer("inception", inception_file)
     assert scorer.metric == "fid" and scorer.extractor.features_list == ["2048"]
@@ -133,7 +133,7 @@ def test_inception_weights_load_from_a_local_file(inception_file):
 
 @pytest.mark.slow   # Inception-v3 at 299x299 on CPU: seconds per image
 def test_inception_fid_end_to_end_with_local_weights(inception_file):
-    from progvae.evaluation.fid import FidScorer
+    from progvae.evaluation.metrics.fid import FidScorer
 
     scorer = FidScorer("inception", inception_file)
     samples, reference = digit_images(3), digit_images(3, offset=100)
@@ -145,8 +145,8 @@ def test_inception_fid_end_to_end_with_local_weights(inception_file):
 
 
 def test_fid_digits_separates_digits_from_noise_and_is_zero_on_itself():
-    from progvae.evaluation.digits_features import load_classifier
-    from progvae.evaluation.fid import FidScorer
+    from progvae.evaluation.metrics.digits_features import load_classifier
+    from progvae.evaluation.metrics.fid import FidScorer
 
     scorer = FidScorer("digits")
     _, accuracy = load_classifier()
@@ -162,7 +162,7 @@ def test_fid_digits_separates_digits_from_noise_and_is_zero_on_itself():
 
 # --------------------------------------------------------------------------------- LPIPS
 def test_lpips_with_local_weights(alexnet_file):
-    from progvae.evaluation.lpips_metric import LpipsScorer
+    from progvae.evaluation.metrics.lpips_metric import LpipsScorer
 
     scorer = LpipsScorer(alexnet_file)
     x = torch.rand(3, 1, 16, 16) * 2 - 1
@@ -175,8 +175,8 @@ def test_lpips_with_local_weights(alexnet_file):
 
 # ------------------------------------------------------------------------ missing weights
 def test_missing_weights_end_in_one_clear_sentence(tmp_path):
-    from progvae.evaluation.fid import FidScorer
-    from progvae.evaluation.lpips_metric import LpipsScorer
+    from progvae.evaluation.metrics.fid import FidScorer
+    from progvae.evaluation.metrics.lpips_metric import LpipsScorer
 
     offline = urllib.error.URLError("Name or service not known")
     with mock.patch("torch.hub.download_url_to_file", side_effect=offline):
@@ -209,7 +209,7 @@ def test_evaluate_command_without_weights_stops_with_the_flag_to_pass(vdvae_run,
 # ------------------------------------------------------------------ ELBO, MSE, IW bound
 def test_heldout_metrics_average_every_image_including_the_last_short_batch():
     from progvae.heldout import heldout_metrics
-    from progvae.data import to_model_input
+    from progvae.data.loading import to_model_input
 
     torch.manual_seed(0)
     model = KINDS["vdvae"].build(small_config(image_channels=1)).eval()
@@ -233,8 +233,8 @@ def test_latent_log_ratio_from_the_models_distributions_averages_to_the_analytic
         precision_weighted):
     """The posteriors and priors the model returns are the ones it drew from: log q - log p at
     the drawn latents averages to the analytic KL (also with the precision-weighted merge)."""
-    from progvae.data import to_model_input
-    from progvae.vdvae import latent_log_ratio
+    from progvae.data.loading import to_model_input
+    from progvae.models.vdvae import latent_log_ratio
 
     torch.manual_seed(0)
     config = small_config(image_channels=1, precision_weighted_merge=precision_weighted)
@@ -254,8 +254,8 @@ def test_importance_weighted_bound_against_independent_oracles():
     """At K = 1 the bound is a one-sample estimate of the ELBO (equal on average); it does not
     decrease in K on average; and at K = 2 it is log of the mean of the two one-sample weights
     drawn in turn under the same seed (so the - log K term is there)."""
-    from progvae.data import to_model_input
-    from progvae.evaluation.elbo import importance_weighted_elbo
+    from progvae.data.loading import to_model_input
+    from progvae.evaluation.metrics.elbo import importance_weighted_elbo
 
     torch.manual_seed(0)
     kind = KINDS["vdvae"]
@@ -279,7 +279,7 @@ def test_importance_weighted_bound_against_independent_oracles():
 
 # ---------------------------------------------------------------------------- evaluate
 def test_evaluate_writes_every_key_it_promises(vdvae_run, stage2_run, alexnet_file):
-    from progvae.evaluation.evaluate import evaluate_run
+    from progvae.evaluation.metrics.evaluate import evaluate_run
 
     result = evaluate_run(vdvae_run, metrics="elbo,mse,fid_digits", n_samples=20,
                           iw_samples=2)
@@ -302,7 +302,7 @@ def test_evaluate_writes_every_key_it_promises(vdvae_run, stage2_run, alexnet_fi
 
 
 def test_evaluate_rejects_bad_metrics(vdvae_run):
-    from progvae.evaluation.evaluate import evaluate_run, parse_metrics
+    from progvae.evaluation.metrics.evaluate import evaluate_run, parse_metrics
 
     with pytest.raises(UserError, match="Unknown metric"):
         evaluate_run(vdvae_run, metrics="elbo,sharpness")
@@ -314,8 +314,8 @@ def test_evaluate_rejects_bad_metrics(vdvae_run):
 
 # ------------------------------------------------------------------------- R_K and D_K
 def test_rate_of_the_first_groups_is_the_sum_of_their_kls():
-    from progvae.evaluation.progressive import first_groups_rate, groups_up_to
-    from progvae.data import to_model_input
+    from progvae.evaluation.experiments.progressive import first_groups_rate, groups_up_to
+    from progvae.data.loading import to_model_input
 
     torch.manual_seed(0)
     model = KINDS["vdvae"].build(small_config(image_channels=1)).eval()
@@ -334,14 +334,14 @@ def test_rate_of_the_first_groups_is_the_sum_of_their_kls():
 
 
 def test_progressive_experiment_end_to_end(vdvae_run, tmp_path):
-    from progvae.evaluation.progressive import first_groups_rate, run_progressive
+    from progvae.evaluation.experiments.progressive import first_groups_rate, run_progressive
 
     _, vdvae, _ = load_model(vdvae_run)
     before = {name: value.clone() for name, value in vdvae.state_dict().items()}
     table = run_progressive(vdvae_run, tmp_path / "prog", steps=2, quiet=True,
                             overrides={"log_every": 1})
     assert table["K"] == 1 and table["n_groups"] == 4        # 16 / 8 = 2: the 1x1 group
-    from progvae.data import load_data
+    from progvae.data.loading import load_data
     expected, _ = first_groups_rate(vdvae, load_data("digits", 16).test, 1, 100, 0)
     assert table["R_K"] == pytest.approx(expected)
     for key in ("D_K", "R_prime_K", "lambda_star_upper"):

@@ -5,11 +5,11 @@ import dataclasses
 import pytest
 import torch
 
-from progvae.blocks import BlockSpec, parse_block_string
+from progvae.models.blocks import BlockSpec, parse_block_string
 from progvae.config import load_config
-from progvae.distributions import gaussian_kl, precision_weighted_merge
+from progvae.models.distributions import gaussian_kl, precision_weighted_merge
 from progvae.errors import UserError
-from progvae.vdvae import VDVAE
+from progvae.models.vdvae import VDVAE
 
 
 def test_gaussian_kl_matches_monte_carlo():

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from progvae.config import load_config
-from progvae.controllers import LagrangianController
-from progvae.distributions import NoiseShard
+from progvae.training.controllers import LagrangianController
+from progvae.models.distributions import NoiseShard
 from progvae.kinds import KINDS
 from progvae.stages.stage1 import Stage1Objective
-from progvae.trainer import LossModule
+from progvae.training.trainer import LossModule
 
 BATCH = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
 
@@ -44,10 +44,10 @@ def objective():
 
 
 def test_precision_bf16_runs_convolutions_in_bf16_and_stays_close_to_fp32():
-    """progvae's own switch (precision=bf16 through progvae.performance), not a hand-made
+    """progvae's own switch (precision=bf16 through progvae.training.performance), not a hand-made
     autocast: the convolutions really run in bf16, and the loss and gradient stay within
     about five times the error measured on this model (4e-5 and 0.4%)."""
-    from progvae import performance
+    from progvae.training import performance
 
     model = small_model()
     module = LossModule(model, objective())
@@ -104,9 +104,9 @@ def test_compiled_step_matches_eager(monkeypatch):
     few minutes on 2 CPU cores, hence `slow`. Inductor draws random numbers its own way, so
     both runs use the same fixed noise for the posterior samples: what is compared is the
     arithmetic of the step, which is what compilation may change."""
-    import progvae.distributions
+    import progvae.models.distributions
 
-    monkeypatch.setattr(progvae.distributions, "standard_normal_like", fixed_noise_like)
+    monkeypatch.setattr(progvae.models.distributions, "standard_normal_like", fixed_noise_like)
     model = small_model(width=8, dec_blocks="1x1,4m1,8m4,16m8", enc_blocks="16d2,8d2,4d4,1x1")
     module = LossModule(model, objective())
     loss, gradient = loss_and_gradient(module, model)
@@ -117,7 +117,7 @@ def test_compiled_step_matches_eager(monkeypatch):
 
 def test_unknown_precision_is_a_clear_error():
     from progvae.errors import UserError
-    from progvae.performance import autocast_dtype
+    from progvae.training.performance import autocast_dtype
 
     config = dataclasses.replace(load_config("digits"), precision="fp8")
     with pytest.raises(UserError, match="precision"):

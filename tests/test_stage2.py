@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from progvae.config import load_config
-from progvae.pipeline import Pipeline, composite_terms
+from progvae.models.pipeline import Pipeline, composite_terms
 from progvae.kinds import KINDS
 from progvae.runs import load_model, load_pipeline, prepare_run
 from progvae.stages.joint import train_joint
 from progvae.stages.stage1 import train_stage1
 from progvae.stages.stage2 import CompositeObjective, train_stage2
-from progvae.trainer import Trainer
+from progvae.training.trainer import Trainer
 
 SMALL = {"width": 8, "zdim": 4, "n_mixtures": 3, "enc_blocks": "16d2,8d2,4d4,1x1",
          "dec_blocks": "1x1,4m1,8m4,16m8", "log_every": 1, "checkpoint_every": 0, "n_grid": 4,

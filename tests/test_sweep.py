@@ -13,7 +13,7 @@ import pytest
 
 from progvae.__main__ import main
 from progvae.errors import UserError
-from progvae.evaluation.sweep import parse_targets
+from progvae.evaluation.experiments.sweep import parse_targets
 
 # A tiny model and a few steps: the sweep's bookkeeping is under test, not the R-D curve.
 QUICK = ["--config=digits", "--width=8", "--zdim=4", "--enc_blocks=16d2,8d2,4d4,1x1",

@@ -13,7 +13,7 @@ import torch
 
 from progvae.config import load_config
 from progvae.stages.stage1 import train_stage1
-from progvae.vdvae import VDVAE
+from progvae.models.vdvae import VDVAE
 
 RESUME_ARGS = ["stage1", "--config=digits", "--distortion_target=0.02", "--steps=60",
                "--checkpoint_every=10", "--log_every=5", "--n_grid=4", "--quiet=True"]

@@ -2,7 +2,7 @@
 train through `train_run`.
 
 It checks the data and the run directory, builds the kind's network, resumes from the last
-checkpoint, trains (progvae.trainer), evaluates the EMA weights on the whole held-out split with
+checkpoint, trains (progvae.training.trainer), evaluates the EMA weights on the whole held-out split with
 the one held-out evaluator (progvae.heldout, the same numbers `evaluate` gives), writes
 `summary.json` and the image grids. A stage supplies only what is its own, as a `Recipe`: the
 objective, and where it needs them a data check, a model adjustment, extra summary keys.
@@ -19,15 +19,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from progvae import dist
+from progvae.training import dist
 from progvae.atomic import atomic_write_json
 from progvae.config import Config
-from progvae.data import ImageData, to_model_input, to_uint8_images
+from progvae.data.loading import ImageData, to_model_input, to_uint8_images
 from progvae.heldout import HELDOUT_SEED, heldout_metrics, seeded
-from progvae.images import save_grid, save_rows
+from progvae.data.images import save_grid, save_rows
 from progvae.kinds import RunKind
 from progvae.runs import prepare_run
-from progvae.trainer import Objective, Trainer
+from progvae.training.trainer import Objective, Trainer
 
 
 def _unchanged(model: nn.Module) -> nn.Module:

@@ -2,8 +2,8 @@
 
 A stage hands the trainer a model and an objective; the trainer owns the updates: Adam,
 warm-up, clipping, update skipping, the parameter EMA, logs, checkpoints, exact resumption and
-the progress bar. `progvae.loop.train_run` drives it and evaluates the result. It is written for one process and stays correct under
-torchrun, where every rank makes the same decisions (see progvae.dist).
+the progress bar. `progvae.training.loop.train_run` drives it and evaluates the result. It is written for one process and stays correct under
+torchrun, where every rank makes the same decisions (see progvae.training.dist).
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from progvae import dist, performance
-from progvae.checkpoint import CHECKPOINT, atomic_save, load_checkpoint
+from progvae.training import dist, performance
+from progvae.training.checkpoint import CHECKPOINT, atomic_save, load_checkpoint
 from progvae.config import Config
-from progvae.data import BatchSampler, ImageData, to_model_input
-from progvae.distributions import NoiseShard
+from progvae.data.loading import BatchSampler, ImageData, to_model_input
+from progvae.models.distributions import NoiseShard
 
 SKIP_WINDOW = 100        # recent updates inspected by the stall warning
 SKIP_WARN_FRACTION = 0.5
@@ -133,7 +133,7 @@ class Trainer:
         self.recent_skips: collections.deque[bool] = collections.deque(maxlen=SKIP_WINDOW)
         self.window: dict[str, float] = collections.defaultdict(float)
         self.elapsed = 0.0   # training seconds summed over every (resumed) process
-        # Held-out evaluation every config.eval_every steps (progvae.loop sets the one
+        # Held-out evaluation every config.eval_every steps (progvae.training.loop sets the one
         # held-out evaluator here); None: no periodic evaluation.
         self.evaluate_heldout: Callable[[], dict[str, float]] | None = None
 

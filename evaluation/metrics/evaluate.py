@@ -26,15 +26,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from progvae import dist
+from progvae.training import dist
 from progvae.atomic import atomic_write_json
-from progvae.data import load_data_for, to_model_input
+from progvae.data.loading import load_data_for, to_model_input
 from progvae.errors import UserError
-from progvae.evaluation.elbo import importance_weighted_metrics
+from progvae.evaluation.metrics.elbo import importance_weighted_metrics
 from progvae.heldout import HELDOUT_SEED, RANK_SEED_STRIDE, heldout_metrics, seeded
 from progvae.kinds import RunKind, draw_samples
 from progvae.runs import load_scored
-from progvae.trainer import default_device
+from progvae.training.trainer import default_device
 
 METRICS = ("elbo", "mse", "fid", "fid_digits", "lpips")
 DEFAULT_METRICS = ("elbo", "mse", "fid", "lpips")
@@ -100,14 +100,14 @@ def evaluate_run(run: str | Path, data_spec: str = "", metrics=None, split: str 
     # Every scorer is built (and its weights found) before any long computation.
     fid_scorers = {}
     if "fid" in names:
-        from progvae.evaluation.fid import FidScorer
+        from progvae.evaluation.metrics.fid import FidScorer
         fid_scorers["fid"] = FidScorer("inception", inception_weights or None)
     if "fid_digits" in names:
-        from progvae.evaluation.fid import FidScorer
+        from progvae.evaluation.metrics.fid import FidScorer
         fid_scorers["fid_digits"] = FidScorer("digits")
     lpips_scorer = None
     if "lpips" in names:
-        from progvae.evaluation.lpips_metric import LpipsScorer
+        from progvae.evaluation.metrics.lpips_metric import LpipsScorer
         lpips_scorer = LpipsScorer(lpips_weights or None, device)
     data = load_data_for(dataclasses.replace(config, data=data_spec))
     if (data.image_size, data.channels) != (config.image_size, config.image_channels):

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from progvae.config import Config
-from progvae.distributions import NoiseShard
-from progvae.vdvae import VDVAE
+from progvae.errors import UserError
+from progvae.models.distributions import NoiseShard
+from progvae.models.vdvae import VDVAE
 
 
 class MaskedCoder(nn.Module):
@@ -32,6 +33,10 @@ class MaskedCoder(nn.Module):
     def from_config(cls, config: Config) -> "MaskedCoder":
         """The architecture a progressive run records: a plain VDVAE (DMoL head) as the
         inference path, a fresh decoder with a linear head, K = config.latent_groups."""
+        if config.latent_groups < 1:
+            raise UserError("This progressive run does not record how many latent groups it "
+                            "codes (an older progvae wrote it); run `progvae progressive` again "
+                            "on a new --out to recreate it.")
         return cls(VDVAE(config, head="dmol"), VDVAE(config, head="linear"), config.latent_groups)
 
     @property

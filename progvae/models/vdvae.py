@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from progvae.blocks import (Block, BlockSpec, conv, match_channels, parse_block_string,
+from progvae.models.blocks import (Block, BlockSpec, conv, match_channels, parse_block_string,
                             parse_widths, residual_scale)
 from progvae.config import Config
-from progvae.distributions import (NoiseShard, gaussian_kl, gaussian_log_ratio, gaussian_sample,
+from progvae.models.distributions import (NoiseShard, gaussian_kl, gaussian_log_ratio, gaussian_sample,
                                     precision_weighted_merge)
 from progvae.errors import UserError
-from progvae.heads import LinearHead
+from progvae.models.heads import LinearHead
 
 
 class Encoder(nn.Module):
@@ -324,7 +324,7 @@ def build_head(kind: str, width: int, image_channels: int, n_mixtures: int) -> n
     if kind == "linear":
         return LinearHead(width, image_channels)
     if kind == "dmol":
-        from progvae.dmol import DmolHead
+        from progvae.models.dmol import DmolHead
         return DmolHead(width, image_channels, n_mixtures)
     raise ValueError(f"unknown head '{kind}'")
 

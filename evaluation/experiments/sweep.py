@@ -30,19 +30,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from progvae import dist
+from progvae.training import dist
 from progvae.atomic import atomic_path, atomic_write_json
 from progvae.config import Config
-from progvae.controllers import (CONTROLLERS, TARGET_FIELDS, build_controller,
+from progvae.training.controllers import (CONTROLLERS, TARGET_FIELDS, build_controller,
                                  check_controller_name, check_same_controller)
-from progvae.data import load_data_for, to_uint8_images
+from progvae.data.loading import load_data_for, to_uint8_images
 from progvae.errors import UserError
-from progvae.images import save_rows
-from progvae.data import to_model_input
+from progvae.data.images import save_rows
+from progvae.data.loading import to_model_input
 from progvae.heldout import seeded
 from progvae.runs import load_model
 from progvae.stages.stage1 import train_stage1
-from progvae.trainer import default_device
+from progvae.training.trainer import default_device
 
 N_RECONSTRUCTIONS = 10   # held-out images per row of reconstructions.png
 SETTLE_TOLERANCE = 0.1   # "settled": every later logged value within 10% of the target

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from progvae.distributions import NoiseShard
-from progvae.vdvae import VDVAE
+from progvae.models.distributions import NoiseShard
+from progvae.models.vdvae import VDVAE
 
 
 def composite_terms(stage1: VDVAE, stage2: VDVAE, x: torch.Tensor,

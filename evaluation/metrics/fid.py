@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from progvae.errors import UserError
-from progvae.evaluation.weights import cache_dir, file_fingerprint, inception_weights
+from progvae.evaluation.metrics.weights import cache_dir, file_fingerprint, inception_weights
 
 INCEPTION = "inception-v3-compat"   # torch-fidelity's name for its FID Inception
 FID_KEY = "frechet_inception_distance"  # torch-fidelity's result key (whatever the extractor)
@@ -75,7 +75,7 @@ class FidScorer:
             self.name, self.metric = INCEPTION, "fid"
             weights_path = inception_weights(weights)
         elif extractor == "digits":
-            from progvae.evaluation.digits_features import (classifier_path,
+            from progvae.evaluation.metrics.digits_features import (classifier_path,
                                                             register_with_torch_fidelity)
             self.name, self.metric = register_with_torch_fidelity(), "fid_digits"
             weights_path = Path(weights) if weights else classifier_path()

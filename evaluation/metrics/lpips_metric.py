@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from progvae.errors import UserError
-from progvae.evaluation.weights import alexnet_weights
+from progvae.evaluation.metrics.weights import alexnet_weights
 
 MIN_SIDE = 64
 

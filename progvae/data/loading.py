@@ -14,8 +14,8 @@ A dataset is named by a spec string (the `--data` flag):
 
 Every split is fixed: the held-out images never change with the training seed, so runs with
 different seeds are evaluated on the same images. `folder:`, `svhn:`, `celeba:` and `lsun:` are
-decoded once into a cache of memory-mapped uint8 arrays (progvae/datasets.py reads them,
-progvae/cache.py keeps them); the built-in datasets and `npz:` are read directly.
+decoded once into a cache of memory-mapped uint8 arrays (progvae/data/readers.py reads them,
+progvae/data/cache.py keeps them); the built-in datasets and `npz:` are read directly.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from progvae.cache import CacheEntry, load_cached
-from progvae.datasets import SPLIT_SEED, celeba_recipe, folder_recipe, list_images, lsun_recipe, svhn_recipe
+from progvae.data.cache import CacheEntry, load_cached
+from progvae.data.readers import SPLIT_SEED, celeba_recipe, folder_recipe, list_images, lsun_recipe, svhn_recipe
 from progvae.errors import UserError
 
 VALID_SPECS = "digits, patches, folder:PATH, npz:PATH, svhn:DIR, celeba:DIR, lsun:DIR"
@@ -78,7 +78,7 @@ def load_data(spec: str, image_size: int, resize: bool = False, *,
     No split depends on a run's seed (see the module docstring). `resize=True` lets a `folder:` dataset whose images are not
     `image_size`×`image_size` be resized (bilinear, antialiased). `svhn_extra=True` adds SVHN's
     extra_32x32.mat to its training split. `cache_dir` overrides where cached datasets live
-    (see progvae.cache.cache_root) and `workers` how many processes decode images while a cache
+    (see progvae.data.cache.cache_root) and `workers` how many processes decode images while a cache
     is built (0: one per core). Raises `UserError` with one sentence naming the problem and the
     fix for any bad input.
     """

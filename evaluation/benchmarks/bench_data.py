@@ -5,7 +5,7 @@ the preprocessing cache takes to build.
 indices, a gather from one tensor over the (memory-mapped) training split, and
 `to_model_input` (uint8 NHWC → float NCHW in [−1, 1]), optionally followed by the copy to a GPU.
 
-    python -m progvae.evaluation.bench_data --svhn_images=10000 --celeba_images=5000
+    python -m progvae.evaluation.benchmarks.bench_data --svhn_images=10000 --celeba_images=5000
 
 makes a synthetic SVHN-shaped .mat and a CelebA-like folder of JPEGs in a temporary folder,
 builds their caches (timed, reported per 10k images) and benchmarks loading from them.
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from progvae.data import BatchSampler, ImageData, load_data, to_model_input
+from progvae.data.loading import BatchSampler, ImageData, load_data, to_model_input
 
 
 def benchmark_loader(data: ImageData, batch_size: int = 64, seconds: float = 3.0,

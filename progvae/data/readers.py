@@ -1,7 +1,7 @@
 """Readers for datasets on disk: SVHN, CelebA-64, LSUN bedrooms and folders of images.
 
 Each reader checks its source and returns a `Recipe` for the preprocessing cache
-(progvae/cache.py): the source's fingerprint, its preprocessing in words, and a `build` that
+(progvae/data/cache.py): the source's fingerprint, its preprocessing in words, and a `build` that
 decodes every image into the cache's arrays (in worker processes when there are many). Nothing
 here is read at import time, and nothing downloads: users bring the files.
 
@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from progvae.cache import CacheWriter, Recipe, fingerprint_files
+from progvae.data.cache import CacheWriter, Recipe, fingerprint_files
 from progvae.errors import UserError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp"}

@@ -22,12 +22,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from progvae.config import Config
-from progvae.controllers import LagrangianController
-from progvae.data import ImageData
+from progvae.training.controllers import LagrangianController
+from progvae.data.loading import ImageData
 from progvae.errors import UserError
-from progvae.pipeline import Pipeline
+from progvae.models.pipeline import Pipeline
 from progvae.kinds import KINDS
-from progvae.trainer import Trainer
+from progvae.training.trainer import Trainer
 
 def synthetic_data(config: Config, n: int) -> ImageData:
     generator = np.random.default_rng(0)
@@ -198,7 +198,7 @@ def sampling_rate(trainer: Trainer, model: str, config: Config, device: torch.de
 
 
 def loader_rate(data: ImageData, batch_size: int) -> float:
-    from progvae.evaluation.bench_data import benchmark_loader
+    from progvae.evaluation.benchmarks.bench_data import benchmark_loader
 
     return benchmark_loader(data, batch_size=batch_size, seconds=1.0)["images_per_second"]
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from progvae.checkpoint import atomic_save
+from progvae.training.checkpoint import atomic_save
 
 EXTRACTOR_NAME = "progvae-digits"
 FEATURES = "penultimate"          # the 64-d layer FID is computed on
@@ -61,10 +61,10 @@ def to_classifier_input(images_uint8: torch.Tensor) -> torch.Tensor:
 
 def digits_with_labels() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(train images, train labels, test images, test labels) of the built-in digits at 16x16,
-    uint8 NHWC, split exactly as `progvae.data.load_data("digits")` splits them."""
+    uint8 NHWC, split exactly as `progvae.data.loading.load_data("digits")` splits them."""
     from sklearn.datasets import load_digits
 
-    from progvae.data import DIGITS_TEST_SIZE, SPLIT_SEED, load_data
+    from progvae.data.loading import DIGITS_TEST_SIZE, SPLIT_SEED, load_data
 
     data = load_data("digits", CLASSIFIER_SIZE)
     labels = load_digits().target
@@ -104,7 +104,7 @@ def train_classifier() -> tuple[DigitClassifier, float]:
 
 def classifier_path():
     """The cached classifier file, trained and written on first use."""
-    from progvae.evaluation.weights import cache_dir
+    from progvae.evaluation.metrics.weights import cache_dir
 
     path = cache_dir() / f"digits_classifier_v{CLASSIFIER_VERSION}.pt"
     if not path.is_file():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from progvae.cache import cache_root
+from progvae.data.cache import cache_root
 from progvae.errors import UserError
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -23,7 +23,7 @@ ALEXNET_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
 
 def cache_dir() -> Path:
     """Where evaluation keeps what it computes once (the digit classifier, FID reference
-    statistics): `evaluation/` inside progvae's cache folder (`progvae.cache.cache_root`:
+    statistics): `evaluation/` inside progvae's cache folder (`progvae.data.cache.cache_root`:
     $PROGVAE_CACHE, else $XDG_CACHE_HOME/progvae, else ~/.cache/progvae). Safe to delete."""
     return cache_root() / "evaluation"
 

@@ -1,0 +1,1 @@
+"""Benchmarks: the training step, sampling and the data path."""

@@ -1,0 +1,1 @@
+"""Experiments built on training runs: rate-distortion sweeps and the progressive-coding experiment."""
