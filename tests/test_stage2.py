@@ -1,6 +1,7 @@
 """Stage two, the pipeline and the joint baseline, on a very small digits model."""
 
 import copy
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from progvae.config import load_config
-from progvae.models.pipeline import Pipeline, composite_terms
+from progvae.models.pipeline import Pipeline
 from progvae.kinds import KINDS
 from progvae.runs import load_model, load_pipeline, prepare_run
 from progvae.stages.joint import train_joint
@@ -58,21 +59,26 @@ def test_joint_has_exactly_the_two_stage_parameters():
         count(KINDS["stage1"].build(config)) + count(KINDS["stage2"].build(config))
 
 
-def test_composite_elbo_is_the_sum_of_its_parts():
+def test_composite_elbo_matches_a_monte_carlo_estimate_from_log_densities():
+    """Independent of how composite_terms adds its parts: the ELBO with analytic KLs equals, on
+    average over latent draws, log p(x | z, z_tilde) + log p(z) + log p(z_tilde | x_tilde)
+    - log q(z | x) - log q(z_tilde | x, x_tilde) evaluated at the drawn latents from the
+    densities the two stages return (a Monte Carlo estimate of the same expectation)."""
+    from progvae.kinds import pipeline_log_weight
+
     config = small_config(image_channels=1)
     torch.manual_seed(0)
-    stage1, stage2 = KINDS["stage1"].build(config), KINDS["stage2"].build(config)
-    x = torch.rand(3, 1, 16, 16) * 2 - 1
-    torch.manual_seed(1)
-    terms = composite_terms(stage1, stage2, x)
-    torch.manual_seed(1)   # the same latent draws, computed part by part
-    first = stage1(x)
-    x_tilde = stage1.head.mean(first["output"])
-    second = stage2(x, condition_image=x_tilde)
-    nll = stage2.head.reconstruction_loss(second["output"], x)
-    assert torch.allclose(terms["elbo"], -(nll + first["rate"] + second["rate"]))
-    dims = 16 * 16
-    assert torch.allclose(first["rate"], torch.stack(first["kl"], 1).sum(1) / dims)
+    pipeline = Pipeline(KINDS["stage1"].build(config), KINDS["stage2"].build(config)).eval()
+    x = (torch.randint(0, 256, (2, 1, 16, 16)) / 127.5 - 1).repeat(256, 1, 1, 1)
+    with torch.no_grad():
+        analytic = pipeline.elbo(x).double()                     # (B,) nats/dim
+        sampled = pipeline_log_weight(pipeline, x) / (16 * 16)   # one draw per row
+    for image in range(2):
+        rows = slice(image, None, 2)
+        difference = sampled[rows] - analytic[rows]
+        standard_error = float(difference.std()) / math.sqrt(len(difference))
+        assert abs(float(difference.mean())) < 4 * standard_error + 1e-4
+    assert float(analytic.mean()) < 0
 
 
 def test_gradients_reach_stage_one_in_joint_training_and_never_in_stage_two():
@@ -181,3 +187,40 @@ def test_sample_on_a_run_of_unknown_kind(stage1_run, tmp_path):
     torch.save(state, strange / "checkpoint.pt")
     assert "unknown kind" in _error_line(
         progvae("sample", f"--run={strange}", f"--out={tmp_path / 'x.png'}"))
+
+
+def _state(out: Path) -> dict:
+    return torch.load(out / "checkpoint.pt", weights_only=False)
+
+
+def _log(out: Path) -> list[dict]:
+    import json
+
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{key: value for key, value in line.items() if key != "time"} for line in lines]
+
+
+@pytest.mark.parametrize("kind", ["stage2", "joint", "vdvae"])
+def test_a_run_continued_from_its_checkpoint_equals_an_uninterrupted_one(kind, stage1_run,
+                                                                           tmp_path):
+    """Stopped after 3 of 6 steps and continued by the same command: the weights, EMA,
+    optimizer state and log equal those of a run that went straight through."""
+    from progvae.stages.vdvae import train_vdvae
+
+    def train(out: Path, steps: int) -> dict:
+        config = small_config(steps=steps)
+        if kind == "stage2":
+            return train_stage2(config, stage1_run, out, quiet=True)
+        return (train_joint if kind == "joint" else train_vdvae)(config, out, quiet=True)
+
+    straight = train(tmp_path / "straight", 6)
+    train(tmp_path / "split", 3)
+    continued = train(tmp_path / "split", 6)
+    a, b = _state(tmp_path / "straight"), _state(tmp_path / "split")
+    assert a["step"] == b["step"] == 6
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
+    assert str(a["optimizer"]) == str(b["optimizer"])
+    assert _log(tmp_path / "straight") == _log(tmp_path / "split")
+    assert straight["elbo"] == continued["elbo"]
