@@ -280,6 +280,34 @@ def test_an_unreachable_target_ends_unmet_at_the_bound_with_a_warning(name, tmp_
     assert f"{summary['distortion']:.5g}" in warning
 
 
+@pytest.mark.parametrize("name, fields, constrained", [
+    ("hinge", {"distortion_target": 0.05, "hinge_weight": 2.0}, "distortion"),
+    ("beta", {"beta": 0.5}, None),
+    ("rate", {"rate_target": 0.05}, "rate")])
+def test_the_other_controllers_train_end_to_end_and_report_their_constraint(name, fields,
+                                                                            constrained,
+                                                                            tmp_path):
+    """hinge, beta and rate through a whole (short) stage-one run: the summary names the
+    controller and what it constrains, the fixed weights stay put, and the logged multiplier
+    is the controller's."""
+    config = load_config("digits", {**TINY, "controller": name, "steps": 20, **fields})
+    summary = train_stage1(config, tmp_path / name, quiet=True)
+    assert summary["controller"] == name and summary["constrained"] == constrained
+    lines = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text()
+             .splitlines()]
+    if name == "hinge":
+        assert all(line["multiplier"] == 2.0 for line in lines)
+        assert summary["target"] == 0.05
+    elif name == "beta":
+        assert all(line["multiplier"] == 0.5 for line in lines)
+        assert summary["constraint_met"] is None and summary["target"] is None
+    else:
+        assert summary["target"] == 0.05
+        assert summary["relative_error"] == pytest.approx(summary["rate"] / 0.05 - 1)
+        # eta starts at 1 - multiplier_init and moves with the rate's distance to its target
+        assert lines[0]["multiplier"] != lines[-1]["multiplier"]
+
+
 def test_continuing_a_run_with_another_controller_is_refused_before_any_write(tmp_path):
     out = tmp_path / "run"
     config = load_config("digits", {**TINY, "distortion_target": 0.05, "steps": 2})

@@ -27,6 +27,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SMALL_MODEL = ["--width=8", "--zdim=4", "--enc_blocks=16d2,8d2,4d4,1x1",
+               "--dec_blocks=1x1,4m1,8m4,16m8", "--eval_batch_size=100"]
+
+
 def checkpoint(out: Path) -> dict:
     return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
 
@@ -35,7 +39,7 @@ def checkpoint(out: Path) -> dict:
 def test_two_processes_with_batch_b_match_one_process_with_batch_2b(tmp_path, accumulate):
     """Also with gradient accumulation, where DDP skips the all-reduce (no_sync) on all but the
     last micro-step."""
-    steps = ["--steps=8", "--checkpoint_every=0", f"--accumulate={accumulate}"]
+    steps = ["--steps=8", "--checkpoint_every=0", f"--accumulate={accumulate}", *SMALL_MODEL]
     single = subprocess.run([sys.executable, "-m", "progvae", "stage1", *COMMON, *steps,
                              "--batch_size=16", f"--out={tmp_path / 'one'}"],
                             capture_output=True, text=True, timeout=300)
@@ -57,6 +61,44 @@ def test_two_processes_with_batch_b_match_one_process_with_batch_2b(tmp_path, ac
                     for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert steps_logged == [2, 4, 6, 8]
     assert double.stdout.count("Stage one, held-out split") == 1
+
+
+TINY = ["--config=digits", "--width=8", "--zdim=4", "--n_mixtures=3",
+        "--enc_blocks=16d2,8d2,4d4,1x1", "--dec_blocks=1x1,4m1,8m4,16m8", "--num_threads=1",
+        "--quiet=True", "--n_grid=4", "--steps=4", "--checkpoint_every=0", "--log_every=2",
+        "--eval_batch_size=100"]
+
+
+def one_and_two_processes(tmp_path, kind: str, *flags: str) -> tuple[dict, dict]:
+    single = subprocess.run([sys.executable, "-m", "progvae", kind, *TINY, *flags,
+                             "--batch_size=16", f"--out={tmp_path / 'one'}"],
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    double = subprocess.run(torchrun(kind, *TINY, *flags, "--batch_size=8",
+                                     f"--out={tmp_path / 'two'}"),
+                            capture_output=True, text=True, timeout=300)
+    assert double.returncode == 0, double.stderr
+    return checkpoint(tmp_path / "one"), checkpoint(tmp_path / "two")
+
+
+@pytest.mark.parametrize("kind", ["vdvae", "joint"])
+def test_the_elbo_kinds_under_ddp_match_one_process(tmp_path, kind):
+    one, two = one_and_two_processes(tmp_path, kind)
+    for key in ("model", "ema"):
+        worst = max((one[key][k] - two[key][k]).abs().max().item() for k in one[key])
+        assert worst < 1e-5, f"{key} differs by {worst}"
+    assert two["skipped"] == 0
+
+
+def test_every_rank_skips_the_same_updates(tmp_path):
+    """A skip threshold no gradient can stay under: both ranks skip every update together (a
+    rank that stepped alone would leave the replicas apart or hang at the next collective)."""
+    one, two = one_and_two_processes(tmp_path, "stage1", "--distortion_target=0.05",
+                                     "--skip_threshold=1e-12")
+    assert one["skipped"] == two["skipped"] == 4
+    for name in one["model"]:
+        assert torch.equal(one["model"][name], two["model"][name]), name
+    assert one["objective"] == two["objective"]     # the multiplier never moved either
 
 
 def test_a_killed_worker_is_restarted_and_the_run_finishes(tmp_path):

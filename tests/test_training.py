@@ -124,3 +124,49 @@ def test_updates_over_the_skip_threshold_are_skipped_counted_and_warned_about(tm
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["skipped"] == 101
     assert all(json.loads(line)["multiplier"] == config.multiplier_init for line in lines)
+
+
+def _tiny_trainer(tmp_path, **fields):
+    import copy as copy_module
+
+    from progvae.data.loading import load_data_for
+    from progvae.kinds import KINDS
+    from progvae.stages.stage1 import Stage1Objective
+    from progvae.training.controllers import LagrangianController
+    from progvae.training.trainer import Trainer
+
+    config = load_config("digits", {"width": 8, "zdim": 4, "enc_blocks": "16d2,8d2,4d4,1x1",
+                                    "dec_blocks": "1x1,4m1,8m4,16m8", "batch_size": 8,
+                                    "steps": 10, "image_channels": 1, **fields})
+    torch.manual_seed(0)
+    model = KINDS["stage1"].build(config)
+    initial = copy_module.deepcopy(model.state_dict())
+    trainer = Trainer(model, Stage1Objective(LagrangianController(0.05, init=0.5)), config,
+                      load_data_for(config), tmp_path, "stage1", quiet=True)
+    return trainer, initial
+
+
+def test_the_ema_moves_toward_the_weights_by_one_minus_its_rate_each_applied_update(tmp_path):
+    trainer, initial = _tiny_trainer(tmp_path, ema_rate=0.75)
+    trainer.train_step()
+    after_one = {name: value.clone() for name, value in trainer.model.state_dict().items()}
+    ema = trainer.ema_model.state_dict()
+    for name, value in initial.items():
+        if value.is_floating_point():
+            expected = 0.75 * value + 0.25 * after_one[name]
+            assert torch.allclose(ema[name], expected, atol=1e-7), name
+    changed = sum(not torch.equal(initial[name], after_one[name]) for name in initial)
+    assert changed > 0
+
+
+def test_a_failing_compiled_step_falls_back_to_eager_with_a_warning(tmp_path, capsys):
+    trainer, _ = _tiny_trainer(tmp_path)
+
+    def broken(*args):
+        raise RuntimeError("the compiler failed here")
+
+    trainer.step_module = broken
+    values = trainer.train_step()
+    assert trainer.step_module is trainer.loss_module          # eager from now on
+    assert trainer.step == 1 and values["loss"] == values["loss"]
+    assert "the compiler failed here" in capsys.readouterr().err
