@@ -110,7 +110,7 @@ def test_a_short_demo_runs_every_step_and_a_rerun_only_reevaluates(tmp_path):
 
 def test_updates_over_the_skip_threshold_are_skipped_counted_and_warned_about(tmp_path, capsys):
     config = load_config("digits", {
-        "steps": 101, "skip_threshold": 1e-12, "width": 8, "log_every": 50,
+        "steps": 101, "skip_threshold": 1e-12, "multiplier_init": 0.5, "width": 8, "log_every": 50,
         "checkpoint_every": 0, "n_grid": 4, "dec_blocks": "1x1,4m1,8m4,16m8",
         "enc_blocks": "16d2,8d2,4d4,1x1"})
     torch.manual_seed(config.seed)
