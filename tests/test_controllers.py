@@ -326,3 +326,32 @@ def test_a_reachable_target_is_met_within_five_percent_on_digits(name, tmp_path)
     summary = train_stage1(config, tmp_path / name, quiet=True)
     assert abs(summary["relative_error"]) <= 0.05, summary
     assert summary["constraint_met"] is True
+
+
+# ---------------------------------------------------------------------------------------------
+# bookkeeping the summaries and sweeps rely on
+def test_each_controller_names_the_config_field_its_target_comes_from():
+    from progvae.training.controllers import TARGET_FIELDS
+
+    assert TARGET_FIELDS == {"lagrangian": "distortion_target", "geco": "distortion_target",
+                             "dco": "distortion_target", "hinge": "distortion_target",
+                             "beta": "beta", "rate": "rate_target"}
+    for name, field in TARGET_FIELDS.items():
+        controller = make(name, **{field: 0.03})
+        assert (controller.target if name != "beta" else controller.multiplier) == 0.03
+
+
+@pytest.mark.parametrize("name", TARGETED)
+def test_updates_and_saturated_updates_are_counted_exactly(name):
+    controller = make(name)
+    assert controller.saturated_fraction == 0.0            # no update yet: nothing saturated
+    drive(controller, factor=100.0, steps=400)             # far above: pushed to its limit
+    saturated = controller.saturated_updates
+    assert controller.updates == 400 and 0 < saturated <= 400
+    drive(controller, factor=1e-3, steps=100)              # far below: off the limit again
+    assert controller.updates == 500
+    assert controller.saturated_fraction == controller.saturated_updates / 500
+    state = controller.state_dict()
+    assert (state["name"], state["updates"]) == (name, 500)
+    assert state["saturated_updates"] == controller.saturated_updates
+    assert set(controller.extra_state()) <= set(state)    # the controller's own state too
