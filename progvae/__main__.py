@@ -13,7 +13,7 @@ from pathlib import Path
 
 import fire
 
-from progvae.errors import UserError
+from progvae.errors import TrainingInterrupted, UserError
 
 DEMO_TARGET = 0.02
 DEMO_STAGE2_STEPS = 600
@@ -401,6 +401,12 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as error:
         print(f"progvae: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except TrainingInterrupted as stopped:
+        print(f"progvae: {stopped}", file=sys.stderr)
+        sys.exit(128 + stopped.signal_number)
+    except KeyboardInterrupt:   # Ctrl-C outside a training loop (loading, evaluating)
+        print("progvae: interrupted (Ctrl-C); nothing was left half-written.", file=sys.stderr)
+        sys.exit(128 + 2)
     finally:
         from progvae.training import dist
         dist.cleanup()

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
+import os
+import socket
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import IO, Callable
 
 import torch
 from torch import nn
 
 from progvae.training import dist
 from progvae.atomic import atomic_write_json
-from progvae.training.checkpoint import load_checkpoint, load_run_config
+from progvae.training.checkpoint import CHECKPOINT, load_checkpoint, load_run_config
 from progvae.config import ARCHITECTURE_FIELDS, Config
 from progvae.data.loading import ImageData, load_data_for
 from progvae.errors import UserError
@@ -20,12 +24,32 @@ from progvae.kinds import KINDS, get_kind
 from progvae.models.pipeline import Pipeline
 
 
+LOCK = ".progvae.lock"   # held (flock) by the one process writing a run directory
+
+
+@dataclass
+class PreparedRun:
+    """A run directory ready for training: the resolved config, the data, the directory, the
+    checkpoint to resume from (None for a new run) and the writer's lock, held until `close`."""
+
+    config: Config
+    data: ImageData
+    out_dir: Path
+    resume_state: dict | None
+    lock: IO | None
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.close()   # releases the flock
+            self.lock = None
+
+
 def prepare_run(config: Config, out: str | Path, stage: str,
-                check_data: Callable[[ImageData], None] | None = None
-                ) -> tuple[Config, ImageData, Path]:
+                check_data: Callable[[ImageData], None] | None = None) -> PreparedRun:
     """Load and check the data (also with `check_data`, if given), fill in what the data
-    decides, then create `out` and write config.json. Everything that can fail on bad input
-    fails before the first write."""
+    decides, check that `out` may be continued and load its checkpoint, then take the run
+    directory's lock and write config.json. Everything that can fail on bad input fails before
+    the first write, so a refused command changes no file of an existing run."""
     if not out:
         raise UserError("Pass --out=DIR, the run directory to write (or to continue).")
     dist.setup(config.dist_timeout)
@@ -42,13 +66,54 @@ def prepare_run(config: Config, out: str | Path, stage: str,
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out='{out}' is a file; pass a directory.")
     _check_continuation(out_dir, config, stage)
+    checkpoint = out_dir / CHECKPOINT
+    resume_state = load_checkpoint(checkpoint) if checkpoint.is_file() else None
+    lock = None
     if dist.is_main():
-        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"--out='{out}' cannot be created ({error.strerror}); pass a "
+                            "directory you can write to.") from None
+        lock = lock_run_directory(out_dir)
+        remove_stale_temporaries(out_dir)
         atomic_write_json({"stage": stage, **config.to_dict()}, out_dir / "config.json")
     dist.barrier()
     # The same seed on every rank: identical initial weights and one shared noise stream.
     torch.manual_seed(config.seed)
-    return config, data, out_dir
+    return PreparedRun(config, data, out_dir, resume_state, lock)
+
+
+def lock_run_directory(out_dir: Path) -> IO:
+    """An exclusive lock on the run directory (flock on OUT/.progvae.lock, which the OS releases
+    when the process dies); a second writer is refused at once, naming the holder."""
+    try:
+        handle = open(out_dir / LOCK, "a+")
+    except OSError as error:
+        raise UserError(f"'{out_dir}' is not writable ({error.strerror}); pass a directory you "
+                        "can write to.") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(f"'{out_dir}' is being written by {holder}; wait for that run to end "
+                        "(or stop it), or pass another --out.") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"progvae pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
+
+
+def remove_stale_temporaries(out_dir: Path) -> None:
+    """Temporary files an interrupted atomic write left behind (progvae.atomic names them
+    NAME.PID.HEX.tmp); only called by the lock holder, so none of them is being written."""
+    for path in out_dir.glob("*.tmp"):
+        parts = path.name.split(".")
+        if len(parts) >= 4 and parts[-3].isdigit() and len(parts[-2]) == 8:
+            path.unlink(missing_ok=True)
 
 
 def _check_continuation(out_dir: Path, config: Config, stage: str) -> None:

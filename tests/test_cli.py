@@ -150,3 +150,69 @@ def test_help_shows_the_command_instead_of_reading_a_config_field(command, tmp_p
     assert "--ema_rate=0.9999" in shown and "used for evaluation and sampling" in shown
     assert "--steps=800000" in shown and "[>= 1]" in shown
     assert not any(tmp_path.iterdir())   # asking for help trains nothing
+
+
+class _Payload:
+    """A pickle that runs code when loaded: it would create the file named by `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("command", ["sample", "evaluate", "stage2", "resume"])
+def test_a_checkpoint_with_a_planted_payload_is_refused_and_never_runs(finished_run, tmp_path,
+                                                                       command):
+    import shutil
+
+    import torch
+
+    planted = tmp_path / "planted"
+    shutil.copytree(finished_run, planted)
+    marker = tmp_path / "payload-ran"
+    state = torch.load(planted / "checkpoint.pt", weights_only=True)
+    state["payload"] = _Payload(marker)
+    torch.save(state, planted / "checkpoint.pt")
+    before = snapshot(planted)
+    arguments = {"sample": ["sample", f"--run={planted}", f"--out={tmp_path / 's.png'}"],
+                 "evaluate": ["evaluate", f"--run={planted}", "--metrics=mse"],
+                 "stage2": ["stage2", f"--stage1={planted}", f"--out={tmp_path / 's2'}"],
+                 "resume": ["stage1", "--config=digits", "--distortion_target=0.02",
+                            "--steps=4", "--quiet=True", f"--out={planted}"]}[command]
+    result = progvae(*arguments)
+    assert_one_sentence_error(result, "refuses to load", "never unpickles code")
+    assert result.returncode == 2
+    assert not marker.exists(), "the planted payload ran"
+    assert snapshot(planted) == before
+
+
+def test_a_truncated_checkpoint_is_one_sentence(finished_run, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(finished_run, broken)
+    data = (broken / "checkpoint.pt").read_bytes()
+    (broken / "checkpoint.pt").write_bytes(data[:len(data) // 2])
+    assert_one_sentence_error(progvae("sample", f"--run={broken}", f"--out={tmp_path / 'x.png'}"),
+                              "not a readable checkpoint")
+
+
+def test_a_checkpoint_of_the_previous_format_still_loads(finished_run, tmp_path):
+    """Checkpoints written before the RNG states became tensors hold numpy's state as an array:
+    loaded safely (numpy arrays only) and resumed."""
+    import shutil
+
+    import numpy as np
+    import torch
+
+    old = tmp_path / "old"
+    shutil.copytree(finished_run, old)
+    state = torch.load(old / "checkpoint.pt", weights_only=True)
+    state["rng"]["numpy"] = np.random.get_state()
+    torch.save(state, old / "checkpoint.pt")
+    result = progvae("stage1", "--config=digits", "--distortion_target=0.02", *QUICK[1:],
+                     "--steps=3", f"--out={old}")
+    assert result.returncode == 0, result.stderr
+    assert torch.load(old / "checkpoint.pt", weights_only=True)["step"] == 3

@@ -97,7 +97,7 @@ def test_state_round_trips(name):
     torch.save(first.state_dict(), saved)                     # as the checkpoint stores it
     saved.seek(0)
     second = make(name)
-    second.load_state_dict(torch.load(saved, weights_only=False))
+    second.load_state_dict(torch.load(saved, weights_only=True))
     for controller in (first, second):
         drive(controller, factor=0.3, steps=10)
         drive(controller, factor=1.7, steps=10)

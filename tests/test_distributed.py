@@ -32,7 +32,7 @@ SMALL_MODEL = ["--width=8", "--zdim=4", "--enc_blocks=16d2,8d2,4d4,1x1",
 
 
 def checkpoint(out: Path) -> dict:
-    return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])

@@ -351,7 +351,7 @@ def test_progressive_experiment_end_to_end(vdvae_run, tmp_path):
     assert "R'_K" in (tmp_path / "prog" / "table.md").read_text()
     # The decoder run froze the VDVAE: its inference weights are the VDVAE's own.
     state = torch.load(tmp_path / "prog" / "conventional_decoder" / "checkpoint.pt",
-                       weights_only=False)
+                       weights_only=True)
     for name, value in before.items():
         assert torch.equal(state["model"][f"inference.{name}"], value), name
     gamma = json.loads((tmp_path / "prog" / "gamma_optimal" / "config.json").read_text())

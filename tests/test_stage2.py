@@ -101,7 +101,8 @@ def test_gradients_reach_stage_one_in_joint_training_and_never_in_stage_two():
 def test_stage_one_is_bit_identical_after_stage_two_steps(stage1_run, tmp_path):
     _, stage1, _ = load_model(stage1_run)
     before = copy.deepcopy(stage1.state_dict())
-    config, data, out = prepare_run(small_config(steps=4), tmp_path / "s2", "stage2")
+    prepared = prepare_run(small_config(steps=4), tmp_path / "s2", "stage2")
+    config, data, out = prepared.config, prepared.data, prepared.out_dir
     model = KINDS["stage2"].build(config)
     trainer = Trainer(model, CompositeObjective(stage1), config, data, out, "stage2", quiet=True)
     trainer.fit()
@@ -182,7 +183,7 @@ def test_sample_on_a_run_of_unknown_kind(stage1_run, tmp_path):
 
     strange = tmp_path / "strange"
     shutil.copytree(stage1_run, strange)
-    state = torch.load(strange / "checkpoint.pt", weights_only=False)
+    state = torch.load(strange / "checkpoint.pt", weights_only=True)
     state["stage"] = "mystery"
     torch.save(state, strange / "checkpoint.pt")
     assert "unknown kind" in _error_line(
@@ -190,7 +191,7 @@ def test_sample_on_a_run_of_unknown_kind(stage1_run, tmp_path):
 
 
 def _state(out: Path) -> dict:
-    return torch.load(out / "checkpoint.pt", weights_only=False)
+    return torch.load(out / "checkpoint.pt", weights_only=True)
 
 
 def _log(out: Path) -> list[dict]:

@@ -24,7 +24,7 @@ def command(out: Path) -> list[str]:
 
 
 def final_state(out: Path) -> dict:
-    return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
 
 
 def metrics_without_time(out: Path) -> list[dict]:
@@ -34,10 +34,29 @@ def metrics_without_time(out: Path) -> list[dict]:
     return lines
 
 
-def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(command(straight), check=True, capture_output=True, timeout=600)
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """The 60-step run the interrupted ones are compared with."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    subprocess.run(command(out), check=True, capture_output=True, timeout=600)
+    return out
 
+
+def assert_same_run(straight: Path, resumed: Path) -> None:
+    a, b = final_state(straight), final_state(resumed)
+    assert a["step"] == b["step"] == 60
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+    assert a["objective"] == b["objective"]          # the multiplier and its Adam state
+    assert metrics_without_time(straight) == metrics_without_time(resumed)
+    assert json.loads((straight / "summary.json").read_text())["distortion"] == \
+        json.loads((resumed / "summary.json").read_text())["distortion"]
+    assert not list(resumed.glob("*.tmp")), "a temporary file was left behind"
+
+
+def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(straight, tmp_path):
+    killed = tmp_path / "killed"
     # Killed (SIGKILL, at a known step: no sleeps, no race) 5 updates after its checkpoint at
     # step 10, so resuming has work to redo and log lines to replace.
     killed_run = subprocess.run(command(killed), capture_output=True, timeout=600,
@@ -52,16 +71,78 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
                              timeout=600)
     assert f"Resuming stage1 from step {interrupted_at}" in resumed.stdout
 
-    a, b = final_state(straight), final_state(killed)
-    assert a["step"] == b["step"] == 60
-    for key in ("model", "ema"):
-        for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
-    assert a["objective"] == b["objective"]          # the multiplier and its Adam state
-    assert metrics_without_time(straight) == metrics_without_time(killed)
-    assert json.loads((straight / "summary.json").read_text())["distortion"] == \
-        json.loads((killed / "summary.json").read_text())["distortion"]
-    assert not list(killed.glob("*.tmp")), "a temporary checkpoint was left behind"
+    assert_same_run(straight, killed)
+
+
+@pytest.mark.parametrize("name, code", [("TERM", 143), ("INT", 130), ("USR1", 138)])
+def test_a_signal_checkpoints_the_current_step_and_the_run_resumes_exactly(straight, tmp_path,
+                                                                           name, code):
+    """SIGTERM (what SLURM and Kubernetes send), SIGINT (Ctrl-C) and SIGUSR1 after update 15:
+    a checkpoint at step 15, one line saying how to resume, exit status 128 + the signal;
+    the same command then finishes with the uninterrupted run's weights and log."""
+    out = tmp_path / name
+    stopped = subprocess.run(command(out), capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "PROGVAE_TEST_KILL_AT": "15",
+                                  "PROGVAE_TEST_SIGNAL": name})
+    assert stopped.returncode == code, stopped.stderr
+    message = stopped.stderr.strip().splitlines()[-1]
+    assert message == (f"progvae: stopped by SIG{name} at step 15 of 60; the checkpoint in "
+                       f"'{out}' is saved: run the same command again to continue.")
+    assert "Traceback" not in stopped.stderr
+    assert final_state(out)["step"] == 15
+    if name != "TERM":
+        return   # the same path as SIGTERM from here; resumed once, below
+    resumed = subprocess.run(command(out), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resuming stage1 from step 15 of 60" in resumed.stdout
+    assert_same_run(straight, out)
+
+
+def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once(tmp_path):
+    out = tmp_path / "early"
+    early = [*RESUME_ARGS[:3], "--n_grid=4", "--steps=8", "--checkpoint_every=0", "--log_every=2",
+             "--quiet=True"]
+    args = [sys.executable, "-m", "progvae", *early, f"--out={out}"]
+    killed = subprocess.run(args, capture_output=True, timeout=600,
+                            env={**os.environ, "PROGVAE_TEST_KILL_AT": "5"})
+    assert killed.returncode == -signal.SIGKILL
+    assert not (out / "checkpoint.pt").exists() and (out / "metrics.jsonl").is_file()
+    subprocess.run(args, check=True, capture_output=True, timeout=600)
+    assert [line["step"] for line in metrics_without_time(out)] == [2, 4, 6, 8]
+
+
+def test_a_torn_log_line_and_stale_temporary_files_are_cleaned_up_on_resume(tmp_path):
+    out = tmp_path / "torn"
+    args = [sys.executable, "-m", "progvae", *RESUME_ARGS[:3], "--n_grid=4", "--steps=4",
+            "--checkpoint_every=0", "--log_every=2", "--quiet=True", f"--out={out}"]
+    subprocess.run(args, check=True, capture_output=True, timeout=600)
+    with open(out / "metrics.jsonl", "a") as stream:
+        stream.write('{"step": 6, "loss": 0.')          # power lost mid-write
+    stale = out / "checkpoint.pt.12345.0badcafe.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    more = subprocess.run([*args[:-1], "--steps=6", args[-1]], capture_output=True, text=True,
+                          timeout=600)
+    assert more.returncode == 0, more.stderr
+    assert "dropped a torn line of metrics.jsonl" in more.stderr
+    assert [line["step"] for line in metrics_without_time(out)] == [2, 4, 6]
+    assert not stale.exists()
+
+
+def test_a_second_writer_is_refused_naming_the_first(tmp_path):
+    from progvae.runs import lock_run_directory
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    holder = lock_run_directory(out)     # this test process plays the first writer
+    try:
+        result = subprocess.run([sys.executable, "-m", "progvae", *RESUME_ARGS[:-4],
+                                 "--steps=2", "--quiet=True", f"--out={out}"],
+                                capture_output=True, text=True, timeout=600)
+    finally:
+        holder.close()
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"is being written by progvae pid {os.getpid()}" in result.stderr
+    assert not (out / "config.json").exists()
 
 
 @pytest.mark.slow   # the whole demo: about 3 minutes on 2 cores
@@ -118,7 +199,7 @@ def test_updates_over_the_skip_threshold_are_skipped_counted_and_warned_about(tm
     summary = train_stage1(config, tmp_path / "run", quiet=True)
     assert summary["skipped"] == 101
     assert summary["multiplier"] == config.multiplier_init    # skipped updates move nothing
-    final = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"]
+    final = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(initial[name], final[name]) for name in initial)
     assert "updates were skipped" in capsys.readouterr().err.replace("\n", " ")
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()

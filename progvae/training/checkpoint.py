@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,40 @@ def atomic_save(obj: Any, path: Path) -> None:
         torch.save(obj, temporary)
 
 
+def _numpy_array_globals() -> list:
+    """What a pickled numpy array needs, and nothing that can run code: checkpoints written by
+    progvae before its RNG states became tensors hold numpy's random state as an array."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:   # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint's contents, loaded without unpickling anything but tensors, numbers,
+    strings and containers (`weights_only=True`): a file handed to progvae cannot run code. A
+    file holding anything else, or one that is not a readable checkpoint, is one sentence."""
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        refused = str(error).split("Unsupported global: GLOBAL ")[-1].split(" ")[0]
+        raise UserError(f"'{path}' holds objects progvae refuses to load (for example "
+                        f"{refused[:80]}): it was not written by progvae or has been altered; "
+                        "progvae never unpickles code, so use a checkpoint written by progvae."
+                        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+        raise UserError(f"'{path}' is not a readable checkpoint ({first_line}); it may be "
+                        "truncated or corrupt, so restore it or start a new --out.") from None
+    if not isinstance(state, dict):
+        raise UserError(f"'{path}' does not hold a progvae checkpoint; pass the --out of a "
+                        "progvae run.")
+    return state
 
 
 def load_run_config(run: str | Path) -> tuple[Path, Config]:

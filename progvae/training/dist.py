@@ -98,6 +98,13 @@ def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def max_across_ranks(values: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        values = values.clone()
+        torch_dist.all_reduce(values, op=torch_dist.ReduceOp.MAX)
+    return values
+
+
 def collective_device() -> torch.device:
     """Where tensors must be for a collective: this rank's GPU under NCCL, else the CPU."""
     if is_distributed() and torch_dist.get_backend() == "nccl":

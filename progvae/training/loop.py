@@ -26,7 +26,7 @@ from progvae.data.loading import ImageData, to_model_input, to_uint8_images
 from progvae.heldout import HELDOUT_SEED, heldout_metrics, seeded
 from progvae.data.images import save_grid, save_rows
 from progvae.kinds import RunKind
-from progvae.runs import prepare_run
+from progvae.runs import PreparedRun, prepare_run
 from progvae.training.trainer import Objective, Trainer
 
 
@@ -56,7 +56,15 @@ def train_run(kind: RunKind, config: Config, out: str | Path, recipe: Recipe
     """Train (or continue) a run of `kind` in `out`; returns its summary (also written to
     `out/summary.json`, with reconstructions.png and samples.png beside it) and the trainer,
     whose `ema_model` is the trained network."""
-    config, data, out_dir = prepare_run(config, out, kind.name, recipe.check_data)
+    prepared = prepare_run(config, out, kind.name, recipe.check_data)
+    try:
+        return _train(kind, prepared, recipe)
+    finally:
+        prepared.close()   # the run directory's lock
+
+
+def _train(kind: RunKind, prepared: PreparedRun, recipe: Recipe) -> tuple[dict, Trainer]:
+    config, data, out_dir = prepared.config, prepared.data, prepared.out_dir
     model = (recipe.build or kind.build)(config)
     if recipe.prepare_model is not None:   # before the optimizer and DDP see the parameters
         recipe.prepare_model(model, data)
@@ -67,7 +75,7 @@ def train_run(kind: RunKind, config: Config, out: str | Path, recipe: Recipe
         return heldout_metrics(kind, scored, data.test, config.eval_batch_size, HELDOUT_SEED)
 
     trainer.evaluate_heldout = evaluate
-    trainer.resume()
+    trainer.resume(prepared.resume_state)
     trainer.fit()
     heldout = evaluate()
     summary = {**trainer.run_facts(), **summary_values(kind, heldout), **recipe.summary(heldout)}

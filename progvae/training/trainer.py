@@ -28,8 +28,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from progvae.training import dist, performance
-from progvae.training.checkpoint import CHECKPOINT, atomic_save, load_checkpoint
+from progvae.atomic import atomic_write_text
+from progvae.training.checkpoint import CHECKPOINT, atomic_save
 from progvae.config import Config
+from progvae.errors import TrainingInterrupted
 from progvae.data.loading import BatchSampler, ImageData, to_model_input
 from progvae.models.distributions import NoiseShard
 
@@ -159,7 +161,7 @@ class Trainer:
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "numpy": np.random.get_state(),
+                "numpy": _numpy_state_as_tensors(),
                 "python": random.getstate(),
             },
         }
@@ -169,12 +171,18 @@ class Trainer:
             atomic_save(self.state_dict(), self.checkpoint_path())
         dist.barrier()
 
-    def resume(self) -> bool:
-        """Continue from `out_dir/checkpoint.pt` if there is one; returns whether it did."""
+    def resume(self, state: dict | None) -> bool:
+        """Continue from a checkpoint's `state` (progvae.runs.prepare_run loaded and checked
+        it), or start afresh with None; returns whether it continued. Log lines past the
+        checkpoint (the interrupted process wrote them after it) are dropped, so the resumed
+        run logs each step exactly once."""
         path = self.checkpoint_path()
-        if not path.is_file():
+        if state is None:
+            if dist.is_main():   # killed before its first checkpoint: its lines are replayed
+                for name in ("metrics.jsonl", "heldout.jsonl"):
+                    _truncate_log(self.out_dir / name, 0)
+            dist.barrier()
             return False
-        state = load_checkpoint(path)  # runs.prepare_run has checked it is the same kind of run
         self.model.load_state_dict(state["model"])
         self.ema_model.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -189,7 +197,7 @@ class Trainer:
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        np.random.set_state(rng["numpy"])
+        np.random.set_state(_numpy_state_from_tensors(rng["numpy"]))
         random.setstate(rng["python"])
         # Lines the interrupted process logged after its last checkpoint are replayed now.
         if dist.is_main():
@@ -296,6 +304,31 @@ class Trainer:
     # ---------------------------------------------------------------------------------------
     # the loop
     def fit(self) -> None:
+        """Train to config.steps. SIGTERM, SIGINT and SIGUSR1 (what SLURM and Kubernetes send
+        before a job is killed) stop it after the current update, with a checkpoint at that
+        step, by raising TrainingInterrupted; the same command then resumes."""
+        received: list[int] = []
+        handlers = {}
+        for number in STOP_SIGNALS:
+            try:
+                handlers[number] = signal.signal(number, lambda got, frame: received.append(got))
+            except ValueError:   # not the main thread: the caller handles signals
+                break
+        try:
+            self._fit(received)
+        finally:
+            for number, handler in handlers.items():
+                signal.signal(number, handler)
+
+    def _stop_signal(self, received: list[int]) -> int:
+        """The signal to stop on (0: none), the same on every rank: the largest any rank got."""
+        local = float(received[0]) if received else 0.0
+        if not dist.is_distributed():
+            return int(local)
+        agreed = dist.max_across_ranks(torch.tensor([local], device=dist.collective_device()))
+        return int(agreed.item())
+
+    def _fit(self, received: list[int]) -> None:
         config = self.config
         bar = tqdm(total=config.steps, initial=self.step, desc=self.stage, dynamic_ncols=True,
                    disable=self.quiet or not dist.is_main(), file=sys.stdout, mininterval=1.0)
@@ -327,6 +360,11 @@ class Trainer:
             if config.checkpoint_every > 0 and self.step % config.checkpoint_every == 0:
                 self.save_checkpoint()
             _injected_fault(self.step)
+            stop = self._stop_signal(received)
+            if stop:
+                bar.close()
+                self.save_checkpoint()
+                raise TrainingInterrupted(stop, self.step, config.steps, str(self.out_dir))
         bar.close()
         if self.step > first_step:   # a finished run started again is left as it was
             self.save_checkpoint()
@@ -364,25 +402,55 @@ class Trainer:
             tqdm.write(message, file=sys.stderr)
 
 
+def _numpy_state_as_tensors() -> dict:
+    """numpy's global RNG state as tensors and numbers, which a weights-only load accepts."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position), "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _numpy_state_from_tensors(state) -> tuple:
+    if isinstance(state, tuple):   # checkpoints written before the state became tensors
+        return state
+    return (state["name"], state["keys"].numpy().astype(np.uint32), state["position"],
+            state["has_gauss"], state["cached"])
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 FAULT_VARIABLE = "PROGVAE_TEST_KILL_AT"
+FAULT_SIGNAL_VARIABLE = "PROGVAE_TEST_SIGNAL"
 
 
 def _injected_fault(step: int) -> None:
     """Deterministic fault injection for the tests: with PROGVAE_TEST_KILL_AT=STEP (or
-    STEP:RANK) the process (of that rank) kills itself with SIGKILL right after finishing update
-    STEP, on the first attempt of a torchrun job only, so a restarted job runs through."""
+    STEP:RANK) the process (of that rank) sends itself SIGKILL (or the signal named by
+    PROGVAE_TEST_SIGNAL, e.g. TERM) right after finishing update STEP, on the first attempt of
+    a torchrun job only, so a restarted job runs through."""
     spec = os.environ.get(FAULT_VARIABLE)
     if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return
     at_step, _, at_rank = spec.partition(":")
     if step == int(at_step) and (not at_rank or int(at_rank) == dist.rank()):
         sys.stdout.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
+        number = getattr(signal, "SIG" + os.environ.get(FAULT_SIGNAL_VARIABLE, "KILL"))
+        os.kill(os.getpid(), number)
 
 
 def _truncate_log(path: Path, last_step: int) -> None:
+    """Keep the lines of steps up to `last_step`; a torn line (a write cut short by a crash) is
+    dropped with a warning."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines(keepends=True)
-            if line.strip() and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(kept))
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            tqdm.write(f"WARNING: dropped a torn line of {path.name} (a write cut short): "
+                       f"{line.strip()[:60]!r}", file=sys.stderr)
+            continue
+        if step <= last_step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    atomic_write_text("".join(kept), path)
