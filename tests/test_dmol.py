@@ -107,8 +107,12 @@ def test_mean_matches_sample_mean_and_stays_in_range():
         params[0, :k] = torch.tensor([0.5, -0.5]).view(k, 1, 1)
         params[0, k:k + channels * k] = torch.linspace(-0.4, 0.3, channels * k).view(-1, 1, 1)
         params[0, k + channels * k:k + 2 * channels * k] = -4.0
-        params[0, k + 2 * channels * k:] = 0.5  # coupling coefficients (RGB)
+        # coupling coefficients (RGB), a different one for each pair (atanh of 0.6, -0.4, 0.3)
+        params[0, k + 2 * channels * k:] = torch.atanh(
+            torch.tensor([0.6, 0.6, -0.4, -0.4, 0.3, 0.3])[:params.shape[1] - k - 2 * channels * k]
+        ).view(-1, 1, 1)
         samples = head.sample(params.expand(20_000, -1, -1, -1))
+        assert samples.shape == (20_000, channels, 1, 1)
         assert torch.allclose(head.mean(params)[0], samples.mean(0), atol=0.01)
     extreme = head.mean(random_params(2, 3, k))
     assert extreme.min() >= -1 and extreme.max() <= 1
@@ -164,12 +168,42 @@ def test_forward_loss_shapes_and_autocast():
     assert torch.allclose(low_precision, loss, rtol=0.05)
 
 
+def test_log_scales_are_clamped_at_minus_seven():
+    """A log-scale far below the clamp scores as -7 (not as itself, nor as -8)."""
+    head = DmolHead(width=1, image_channels=1, n_mixtures=1)
+    x = torch.full((1, 1, 1, 1), 0.2)
+
+    def loss(log_scale: float) -> float:
+        params = torch.tensor([0.0, 0.2, log_scale]).view(1, 3, 1, 1)
+        return float(head.reconstruction_loss(params, x))
+
+    assert loss(-30.0) == loss(-7.0)
+    assert loss(-8.0) == loss(-7.0) and loss(-6.0) != loss(-7.0)
+    assert DmolHead(width=1, image_channels=1, n_mixtures=1).min_log_scale == -7.0
+
+
+def test_a_temperature_sharpens_the_choice_of_component():
+    """Component k is drawn with probability softmax(logits / T)_k: at T = 0.5 and logits
+    (0, 1), 88% for the second (61% at T = 2)."""
+    torch.manual_seed(0)
+    head = DmolHead(width=1, image_channels=1, n_mixtures=2)
+    params = torch.tensor([0.0, 1.0, -0.5, 0.5, -7.0, -7.0]).view(1, 6, 1, 1)
+    for temperature, expected in ((0.5, torch.softmax(torch.tensor([0.0, 2.0]), 0)[1]),
+                                  (2.0, torch.softmax(torch.tensor([0.0, 0.5]), 0)[1])):
+        samples = head.sample(params.expand(20_000, -1, -1, -1), temperature)
+        second = float((samples > 0).float().mean())
+        assert abs(second - float(expected)) < 0.015, (temperature, second)
+
+
 def test_bad_shapes_are_rejected():
     with pytest.raises(ValueError, match="1 \\(grayscale\\) or 3"):
         DmolHead(width=4, image_channels=2)
     head = DmolHead(width=4, image_channels=3, n_mixtures=2)
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match=r"DMoL parameters must have shape \(B, 20, H, W\) for 3 "
+                                         r"channel\(s\) and 2 mixtures, got \(1, 7, 2, 2\)"):
         head.reconstruction_loss(torch.zeros(1, 7, 2, 2), torch.zeros(1, 3, 2, 2))
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        head.sample(torch.zeros(1, 20, 2, 2), temperature=-1.0)
     with pytest.raises(ValueError, match="image must have shape"):
         head.reconstruction_loss(torch.zeros(1, 20, 2, 2), torch.zeros(1, 1, 2, 2))
 
