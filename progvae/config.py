@@ -121,6 +121,10 @@ class Config:
     # --- stage two and the progressive experiment ----------------------------------------------
     stage1: str = option("", "stage two: the stage-one run directory it is trained on (set by "
                          "--stage1)")
+    stage1_sha256: str = option("", "stage two: SHA-256 of that run's checkpoint when stage two "
+                                "started (set by stage2; a changed stage one is refused)")
+    stage1_step: int = option(0, "stage two: the step of that checkpoint (set by stage2)",
+                              minimum=0)
     latent_groups: int = option(0, "progressive runs: the leading latent groups coded (K; set "
                                 "by the experiment)", minimum=0)
 

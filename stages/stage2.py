@@ -5,6 +5,9 @@ A.4; paper 002 §4, eqs 5-6, and A.2)."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import sys
 from pathlib import Path
 
 import torch
@@ -14,6 +17,8 @@ from progvae.config import Config
 from progvae.data.loading import ImageData
 from progvae.models.distributions import NoiseShard
 from progvae.errors import UserError
+from progvae.training.checkpoint import CHECKPOINT
+from progvae.training.controllers import constraint_warning
 from progvae.kinds import KINDS
 from progvae.training.loop import Recipe, train_run
 from progvae.models.pipeline import Pipeline, composite_terms
@@ -45,21 +50,56 @@ class CompositeObjective(FixedObjective):
                 "stage1_rate": terms["stage1_rate"].mean()}
 
 
-def load_finished_stage1(run: str | Path, device: torch.device) -> tuple[Config, VDVAE]:
+def load_finished_stage1(run: str | Path, device: torch.device
+                         ) -> tuple[Config, VDVAE, int]:
+    """A finished stage-one run's config, EMA network and step."""
     config, model, info = load_model(run, device)
     if info["kind"] is not KINDS["stage1"]:
         raise UserError(f"--stage1='{run}' is a {info['stage']} run; pass a stage-one run.")
     if not info["finished"]:
         raise UserError(f"The stage-one run '{run}' stopped at step {info['step']} of "
                         f"{config.steps}; finish it first by re-running its command.")
-    return config, model
+    return config, model, info["step"]
+
+
+def stage1_provenance(run: str | Path, step: int) -> dict:
+    """Which stage one a stage-two run trains on: the SHA-256 and step of its checkpoint."""
+    digest = hashlib.sha256()
+    with open(Path(run) / CHECKPOINT, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 22), b""):
+            digest.update(block)
+    return {"stage1_sha256": digest.hexdigest(), "stage1_step": step}
+
+
+def check_same_stage1(out: str | Path, provenance: dict) -> None:
+    """A stage-two run continues only on the stage one it started on: one that was trained
+    further (or replaced) since would silently change what stage two models."""
+    previous = Path(out) / "config.json" if out else None
+    if previous is None or not previous.is_file():
+        return
+    recorded = json.loads(previous.read_text())
+    if recorded.get("stage1_sha256") and recorded["stage1_sha256"] != provenance["stage1_sha256"]:
+        raise UserError(
+            f"The stage-one run changed since '{out}' started on it (its checkpoint was at step "
+            f"{recorded.get('stage1_step')} and is now at step {provenance['stage1_step']}, with "
+            "different weights); pass a new --out for stage two on the changed stage one.")
+
+
+def warn_if_stage1_missed_its_target(run: str | Path) -> None:
+    summary_path = Path(run) / "summary.json"
+    if not summary_path.is_file() or not dist.is_main():
+        return
+    warning = constraint_warning(json.loads(summary_path.read_text()))
+    if warning:
+        print(f"{warning.replace('WARNING: the', 'WARNING: stage one (' + str(run) + '): its', 1)} "
+              "Stage two will model what that stage one leaves out.", file=sys.stderr, flush=True)
 
 
 def train_stage2(config: Config, stage1_run: str | Path, out: str | Path,
                  quiet: bool = False) -> dict:
     """Train (or continue) stage two on a frozen, finished stage-one run."""
     dist.setup(config.dist_timeout)
-    stage1_config, stage1 = load_finished_stage1(stage1_run, default_device())
+    stage1_config, stage1, stage1_step = load_finished_stage1(stage1_run, default_device())
 
     def check_data(data: ImageData) -> None:
         if (data.image_size, data.channels) != (stage1_config.image_size,
@@ -70,7 +110,10 @@ def train_stage2(config: Config, stage1_run: str | Path, out: str | Path,
                 f"channel(s) but --data={config.data} has {data.image_size}x{data.image_size} "
                 f"with {data.channels}; pass the data stage one was trained on.")
 
-    config = dataclasses.replace(config, stage1=str(Path(stage1_run).resolve()))
+    provenance = stage1_provenance(stage1_run, stage1_step)
+    check_same_stage1(out, provenance)
+    config = dataclasses.replace(config, stage1=str(Path(stage1_run).resolve()), **provenance)
+    warn_if_stage1_missed_its_target(stage1_run)
     recipe = Recipe(CompositeObjective(stage1), check_data=check_data, quiet=quiet,
                     scored=lambda stage2: Pipeline(stage1, stage2))
     summary, _ = train_run(KINDS["stage2"], config, out, recipe)

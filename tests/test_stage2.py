@@ -225,3 +225,34 @@ def test_a_run_continued_from_its_checkpoint_equals_an_uninterrupted_one(kind, s
     assert str(a["optimizer"]) == str(b["optimizer"])
     assert _log(tmp_path / "straight") == _log(tmp_path / "split")
     assert straight["elbo"] == continued["elbo"]
+
+
+def test_stage_two_records_its_stage_one_and_refuses_to_continue_on_a_changed_one(tmp_path):
+    """Continuing a stage-one run after stage two started on it would change what a resumed
+    stage two models: refused in one sentence naming both steps, nothing written."""
+    stage1_dir, stage2_dir = tmp_path / "s1", tmp_path / "s2"
+    train_stage1(small_config(steps=2), stage1_dir, quiet=True)
+    train_stage2(small_config(steps=2), stage1_dir, stage2_dir, quiet=True)
+    import hashlib
+    import json
+
+    recorded = json.loads((stage2_dir / "config.json").read_text())
+    assert recorded["stage1_step"] == 2
+    assert recorded["stage1_sha256"] == hashlib.sha256(
+        (stage1_dir / "checkpoint.pt").read_bytes()).hexdigest()
+    train_stage1(small_config(steps=3), stage1_dir, quiet=True)       # stage one trained on
+    before = {p.name: p.read_bytes() for p in stage2_dir.iterdir() if p.is_file()}
+    message = _error_line(progvae("stage2", f"--stage1={stage1_dir}", f"--out={stage2_dir}",
+                                  "--steps=4"))
+    assert "stage-one run changed" in message and "step 2 and is now at step 3" in message
+    assert {p.name: p.read_bytes() for p in stage2_dir.iterdir() if p.is_file()} == before
+
+
+def test_stage_two_warns_when_its_stage_one_missed_the_target(tmp_path, capsys):
+    stage1_dir = tmp_path / "s1"
+    train_stage1(small_config(steps=2, distortion_target=1e-6), stage1_dir, quiet=True)
+    capsys.readouterr()
+    train_stage2(small_config(steps=1), stage1_dir, tmp_path / "s2", quiet=True)
+    warning = capsys.readouterr().err
+    assert f"WARNING: stage one ({stage1_dir}): its distortion target 1e-06 MSE/dim was not met" \
+        in warning.replace("\n", " ")
