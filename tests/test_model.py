@@ -7,7 +7,9 @@ import torch
 
 from progvae.models.blocks import BlockSpec, parse_block_string
 from progvae.config import load_config
-from progvae.models.distributions import gaussian_kl, precision_weighted_merge
+from progvae.models.distributions import (NoiseShard, gaussian_kl, gaussian_log_ratio,
+                                          gaussian_sample, precision_weighted_merge,
+                                          standard_normal_like)
 from progvae.errors import UserError
 from progvae.models.vdvae import VDVAE
 
@@ -30,6 +32,50 @@ def test_precision_weighted_merge_is_the_product_of_gaussians():
                                             torch.tensor(3.0), torch.tensor(0.0))
     assert mean.item() == pytest.approx(2.0)
     assert logstd.exp().item() ** 2 == pytest.approx(0.5)
+    # unequal widths: N(1, 0.5^2) x N(3, 2^2) has precision 4 + 0.25 and mean (4 + 0.75) / 4.25
+    mean, logstd = precision_weighted_merge(torch.tensor(1.0), torch.tensor(0.5).log(),
+                                            torch.tensor(3.0), torch.tensor(2.0).log())
+    assert mean.item() == pytest.approx(4.75 / 4.25)
+    assert logstd.exp().item() ** 2 == pytest.approx(1 / 4.25)
+
+
+def test_log_ratio_is_the_difference_of_normal_log_densities():
+    generator = torch.Generator().manual_seed(3)
+    z, q_mean, p_mean = torch.randn(3, 50, generator=generator)
+    q_logstd, p_logstd = torch.randn(2, 50, generator=generator) * 0.7
+    expected = (torch.distributions.Normal(q_mean, q_logstd.exp()).log_prob(z)
+                - torch.distributions.Normal(p_mean, p_logstd.exp()).log_prob(z))
+    assert torch.allclose(gaussian_log_ratio(z, q_mean, q_logstd, p_mean, p_logstd), expected,
+                          atol=1e-5)
+
+
+@pytest.mark.parametrize("rank", [0, 1, 2])
+def test_a_noise_shard_is_this_ranks_slice_of_the_global_batchs_noise(rank):
+    """Rank r of N draws rows r*B .. (r+1)*B of the noise one process would draw for the
+    global batch N*B, so N processes follow one."""
+    t = torch.empty(4, 3, 2, 2)
+    torch.manual_seed(7)
+    global_noise = torch.randn(12, 3, 2, 2)
+    torch.manual_seed(7)
+    shard = standard_normal_like(t, NoiseShard(rank=rank, world_size=3))
+    assert torch.equal(shard, global_noise[4 * rank:4 * (rank + 1)])
+    torch.manual_seed(7)
+    alone = standard_normal_like(t, NoiseShard(rank=0, world_size=1))
+    torch.manual_seed(7)
+    assert torch.equal(alone, torch.randn(4, 3, 2, 2))
+    torch.manual_seed(7)
+    plain = standard_normal_like(t)
+    torch.manual_seed(7)
+    assert torch.equal(plain, torch.randn(4, 3, 2, 2))
+
+
+def test_a_reparameterised_sample_is_mean_plus_temperature_times_std_times_noise():
+    mean, logstd = torch.full((5,), 0.5), torch.full((5,), -1.0)
+    torch.manual_seed(2)
+    drawn = gaussian_sample(mean, logstd, temperature=0.7)
+    torch.manual_seed(2)
+    assert torch.allclose(drawn, mean + 0.7 * logstd.exp() * torch.randn(5))
+    assert torch.equal(gaussian_sample(mean, logstd, temperature=0.0), mean)
 
 
 def test_block_string_parsing():
