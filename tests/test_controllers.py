@@ -355,3 +355,15 @@ def test_updates_and_saturated_updates_are_counted_exactly(name):
     assert (state["name"], state["updates"]) == (name, 500)
     assert state["saturated_updates"] == controller.saturated_updates
     assert set(controller.extra_state()) <= set(state)    # the controller's own state too
+
+
+def test_a_controller_state_without_counters_resumes_them_at_zero():
+    """Checkpoints of earlier versions hold no update counters: they resume at zero."""
+    controller = make("lagrangian")
+    drive(controller, factor=3.0, steps=5)
+    state = controller.state_dict()
+    del state["updates"], state["saturated_updates"]
+    fresh = make("lagrangian")
+    fresh.load_state_dict(state)
+    assert (fresh.updates, fresh.saturated_updates) == (0, 0)
+    assert fresh.multiplier == controller.multiplier
