@@ -2,8 +2,8 @@
 train through `train_run`.
 
 It checks the data and the run directory, builds the kind's network, resumes from the last
-checkpoint, trains (progvae.training.trainer), evaluates the EMA weights on the whole held-out split with
-the one held-out evaluator (progvae.heldout, the same numbers `evaluate` gives), writes
+checkpoint, trains (progvae.training.trainer), evaluates the EMA weights on the whole held-out
+split with the one held-out evaluator (progvae.heldout, the same numbers `evaluate` gives), writes
 `summary.json` and the image grids. A stage supplies only what is its own, as a `Recipe`: the
 objective, and where it needs them a data check, a model adjustment, extra summary keys.
 """
@@ -44,7 +44,6 @@ class Recipe:
 
     objective: Objective                                              # the training loss
     check_data: Callable[[ImageData], None] | None = None             # refuse mismatched data
-    build: Callable[[Config], nn.Module] | None = None                # instead of kind.build
     prepare_model: Callable[[nn.Module, ImageData], None] | None = None   # e.g. freeze parts
     scored: Callable[[nn.Module], nn.Module] = _unchanged             # EMA network -> scored model
     summary: Callable[[dict], dict] = _nothing                        # extra keys from held-out
@@ -65,7 +64,7 @@ def train_run(kind: RunKind, config: Config, out: str | Path, recipe: Recipe
 
 def _train(kind: RunKind, prepared: PreparedRun, recipe: Recipe) -> tuple[dict, Trainer]:
     config, data, out_dir = prepared.config, prepared.data, prepared.out_dir
-    model = (recipe.build or kind.build)(config)
+    model = kind.build(config)
     if recipe.prepare_model is not None:   # before the optimizer and DDP see the parameters
         recipe.prepare_model(model, data)
     trainer = Trainer(model, recipe.objective, config, data, out_dir, kind.name, recipe.quiet)
