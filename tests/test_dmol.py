@@ -116,6 +116,10 @@ def test_mean_matches_sample_mean_and_stays_in_range():
         assert torch.allclose(head.mean(params)[0], samples.mean(0), atol=0.01)
     extreme = head.mean(random_params(2, 3, k))
     assert extreme.min() >= -1 and extreme.max() <= 1
+    for channels in (1, 3):   # images, not parameters: (B, C, H, W) whatever H and W are
+        head = DmolHead(width=1, image_channels=channels, n_mixtures=3)
+        assert head.sample(random_params(2, channels, 3, height=3, width=5)).shape == \
+            (2, channels, 3, 5)
 
 
 def test_temperature_zero_is_deterministic_and_picks_the_top_component():
