@@ -378,3 +378,55 @@ def test_report_puts_runs_side_by_side(tmp_path):
     assert "](../joint/samples.png)" in text
     with pytest.raises(UserError, match="does not exist"):
         write_report([str(tmp_path / "nowhere")], tmp_path / "report")
+
+
+def test_heldout_psnr_and_the_evaluators_defaults():
+    """PSNR is 10 log10(4 / MSE) on the [-1, 1] scale; the evaluator's default seed and batch
+    are evaluate's (seed 0), which is what makes summary.json equal eval.json."""
+    from progvae.heldout import HELDOUT_SEED, heldout_metrics, psnr
+
+    assert psnr(0.04) == pytest.approx(20.0) and psnr(4.0) == 0.0
+    assert psnr(0.0) == float("inf") and psnr(0.4) == pytest.approx(10.0)
+    assert HELDOUT_SEED == 0
+    torch.manual_seed(0)
+    model = KINDS["vdvae"].build(small_config(image_channels=1)).eval()
+    images = digit_images(70)
+    default = heldout_metrics(KINDS["vdvae"], model, images)
+    assert default == heldout_metrics(KINDS["vdvae"], model, images, batch_size=64, seed=0)
+    assert default["psnr"] == psnr(default["mse"])
+
+
+def test_heldout_means_of_a_process_with_no_images_are_zero_sums(monkeypatch):
+    """Under torchrun a rank may hold no image of a small split: it adds zeros of the right
+    names and shapes, so the collectives still line up."""
+    from progvae import heldout
+
+    torch.manual_seed(0)
+    model = KINDS["vdvae"].build(small_config(image_channels=1)).eval()
+    monkeypatch.setattr(heldout.dist, "shard", lambda count: slice(0, 0))
+    means = heldout.split_means(lambda x: KINDS["vdvae"].terms(model, x), digit_images(3), 4,
+                                0, torch.device("cpu"))
+    assert set(means) == {"elbo", "nll", "rate", "mse", "group_rates"}
+    assert means["elbo"] == 0.0 and means["group_rates"] == [0.0] * model.n_groups
+
+
+def test_importance_weighted_metrics_average_the_bound_under_their_own_seed():
+    from progvae.data.loading import to_model_input
+    from progvae.evaluation.metrics.elbo import (importance_weighted_elbo,
+                                                 importance_weighted_metrics)
+
+    torch.manual_seed(0)
+    kind = KINDS["vdvae"]
+    model = kind.build(small_config(image_channels=1)).eval()
+    images = digit_images(6)
+    metrics = importance_weighted_metrics(kind, model, images, batch_size=4, seed=5,
+                                          n_samples=3)
+    bounds = []
+    with torch.no_grad(), seeded(6, torch.device("cpu")):   # the bound's pass: seed + 1
+        for start in (0, 4):
+            x = to_model_input(torch.from_numpy(images[start:start + 4]))
+            bounds.append(importance_weighted_elbo(kind, model, x, 3).double())
+    expected = float(torch.cat(bounds).mean())
+    assert metrics["iw_elbo"] == pytest.approx(expected, rel=1e-9)
+    assert metrics["iw_bpd"] == pytest.approx(-expected / math.log(2))
+    assert metrics["iw_samples"] == 3
