@@ -1,6 +1,7 @@
 """The constraint controllers (progvae/training/controllers.py): each moves its weight on the constrained
 term the right way, keeps its bounds, resumes exactly, and reports a missed target."""
 
+import copy
 import dataclasses
 import io
 import json
@@ -367,3 +368,89 @@ def test_a_controller_state_without_counters_resumes_them_at_zero():
     fresh.load_state_dict(state)
     assert (fresh.updates, fresh.saturated_updates) == (0, 0)
     assert fresh.multiplier == controller.multiplier
+
+
+# ---------------------------------------------------------------------------------------------
+# exact objectives, settings ranges and summaries (from the mutation pass)
+def test_each_fixed_or_normalised_objective_has_its_papers_value():
+    rate, distortion = torch.tensor(0.3), torch.tensor(0.05)       # D = 5 c for c = 0.01
+    dco = make("dco", dco_max=4.0)                                  # lam = 4 at the start
+    assert dco.loss(rate, distortion).item() == pytest.approx((0.3 + 4 * (5 - 1)) / (1 + 400))
+    hinge = make("hinge", hinge_weight=2.0)
+    assert hinge.loss(rate, distortion).item() == pytest.approx((0.3 + 2 * 4) / (1 + 200))
+    assert hinge.loss(rate, torch.tensor(0.005)).item() == pytest.approx(0.3 / 201)
+    beta = make("beta", beta=3.0)
+    assert beta.loss(rate, distortion).item() == pytest.approx((0.05 + 3 * 0.3) / 4)
+    geco = make("geco", geco_init=2.0)
+    on_rate, on_distortion = weights(geco, rate=0.3, distortion=0.05)
+    assert on_distortion / on_rate == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("fields, allowed", [
+    ({"controller": "geco", "geco_min": 0.5, "geco_init": 0.5}, True),
+    ({"controller": "geco", "geco_init": 1e4, "geco_max": 1e4}, True),
+    ({"controller": "geco", "geco_min": 0.0}, False),
+    ({"controller": "geco", "geco_lr": 0.0}, False),
+    ({"controller": "geco", "geco_ema": 0.0}, True),
+    ({"controller": "geco", "geco_ema": 1.0}, False),
+    ({"controller": "dco", "dco_momentum": 0.0}, True),
+    ({"controller": "dco", "dco_momentum": 1.0}, False),
+    ({"controller": "dco", "dco_max": 0.5}, True),
+    ({"controller": "dco", "dco_max": 0.0}, False),
+    ({"controller": "dco", "dco_lr": 0.0}, False),
+    ({"controller": "hinge", "hinge_weight": 0.0}, False),
+    ({"controller": "beta", "beta": 0.0}, True),
+    ({"controller": "beta", "beta": -0.1}, False)])
+def test_each_controller_checks_its_settings_at_their_edges(fields, allowed):
+    config = dataclasses.replace(Config(), distortion_target=0.01, **fields)
+    if allowed:
+        assert build_controller(config).name == fields["controller"]
+    else:
+        with pytest.raises(UserError, match="out of range|must be"):
+            build_controller(config)
+
+
+def test_a_saved_state_does_not_change_when_training_goes_on():
+    for name in ("dco", "lagrangian"):
+        controller = make(name)
+        drive(controller, factor=3.0, steps=5)
+        saved = controller.state_dict()
+        frozen = copy.deepcopy(saved)
+        drive(controller, factor=0.2, steps=5)
+        assert str(saved) == str(frozen), name
+
+
+def test_the_run_directory_remembers_its_controller(tmp_path):
+    from progvae.training.controllers import check_same_controller
+
+    config = dataclasses.replace(Config(), controller="geco")
+    check_same_controller(tmp_path / "new", config)                # nothing there yet
+    (tmp_path / "config.json").write_text(json.dumps({"controller": "dco"}))
+    with pytest.raises(UserError, match="--controller=dco to continue"):
+        check_same_controller(tmp_path, config)
+    check_same_controller(tmp_path, dataclasses.replace(config, controller="dco"))
+
+
+def test_the_constraint_is_met_up_to_its_tolerance_and_half_the_updates_saturated():
+    controller = make("lagrangian")
+    edge = TARGET * 1.05
+    assert constraint_summary(controller, 0.2, edge, 0.05)["constraint_met"] is True
+    assert constraint_summary(controller, 0.2, edge * 1.001, 0.05)["constraint_met"] is False
+    controller.updates, controller.saturated_updates = 10, 5      # exactly half: still met
+    summary = constraint_summary(controller, 0.2, TARGET, 0.05)
+    assert summary["constraint_met"] is True and summary["saturated_fraction"] == 0.5
+    controller.updates, controller.saturated_updates = 3, 1
+    assert constraint_summary(controller, 0.2, TARGET, 0.05)["saturated_fraction"] == 0.3333
+    rate = make("rate")
+    summary = constraint_summary(rate, RATE_TARGET * 1.2, 0.5, 0.05)
+    assert summary["constrained"] == "rate"
+    assert summary["relative_error"] == pytest.approx(0.2) and summary["constraint_met"] is False
+
+
+def test_the_warning_gives_the_figures():
+    summary = {"constraint_met": False, "constrained": "distortion", "target": 0.01,
+               "distortion": 0.0125, "relative_error": 0.25, "multiplier": 0.9999,
+               "saturated_fraction": 0.8}
+    warning = constraint_warning(summary)
+    assert "held-out distortion is 0.0125 (+25.0%)" in warning
+    assert "at its limit for 80% of the updates" in warning
