@@ -49,15 +49,15 @@ def test_log_ratio_is_the_difference_of_normal_log_densities():
                           atol=1e-5)
 
 
-@pytest.mark.parametrize("rank", [0, 1, 2])
-def test_a_noise_shard_is_this_ranks_slice_of_the_global_batchs_noise(rank):
+@pytest.mark.parametrize("rank, world_size", [(0, 3), (1, 3), (2, 3), (1, 2)])
+def test_a_noise_shard_is_this_ranks_slice_of_the_global_batchs_noise(rank, world_size):
     """Rank r of N draws rows r*B .. (r+1)*B of the noise one process would draw for the
     global batch N*B, so N processes follow one."""
     t = torch.empty(4, 3, 2, 2)
     torch.manual_seed(7)
-    global_noise = torch.randn(12, 3, 2, 2)
+    global_noise = torch.randn(4 * world_size, 3, 2, 2)
     torch.manual_seed(7)
-    shard = standard_normal_like(t, NoiseShard(rank=rank, world_size=3))
+    shard = standard_normal_like(t, NoiseShard(rank=rank, world_size=world_size))
     assert torch.equal(shard, global_noise[4 * rank:4 * (rank + 1)])
     torch.manual_seed(7)
     alone = standard_normal_like(t, NoiseShard(rank=0, world_size=1))
@@ -76,6 +76,10 @@ def test_a_reparameterised_sample_is_mean_plus_temperature_times_std_times_noise
     torch.manual_seed(2)
     assert torch.allclose(drawn, mean + 0.7 * logstd.exp() * torch.randn(5))
     assert torch.equal(gaussian_sample(mean, logstd, temperature=0.0), mean)
+    torch.manual_seed(2)
+    drawn = gaussian_sample(mean, logstd)               # the posterior's draw: temperature 1
+    torch.manual_seed(2)
+    assert torch.allclose(drawn, mean + logstd.exp() * torch.randn(5))
 
 
 def test_block_string_parsing():
