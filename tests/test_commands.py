@@ -134,6 +134,14 @@ def test_progressive_then_report_end_to_end(runs, tmp_path):
     progvae("evaluate", f"--run={decoder}", "--metrics=mse", "--num_threads=1")
     assert read(decoder / "eval.json")["mse"] == table["D_K"]
     progvae("sample", f"--run={gamma}", "--n=4", f"--out={tmp_path / 'g.png'}")
+    # the same command again finds both runs finished: it trains nothing, the table stands
+    again = progvae("progressive", f"--run={runs['vdvae']}", f"--out={out}", "--steps=2",
+                    "--max_resolution=4", "--quiet=True", "--num_threads=1")
+    assert "Resuming progressive_decoder from step 2 of 2" in again.stdout
+    assert "Resuming progressive_gamma from step 2 of 2" in again.stdout
+    rerun = read(out / "table.json")
+    assert {k: v for k, v in rerun.items() if "seconds" not in k} == \
+        {k: v for k, v in table.items() if "seconds" not in k}
     assert f"{table['R_K']:.4f} | {table['D_K']:.4f}" in result.stdout
 
     for kind in ("stage2", "joint"):

@@ -251,3 +251,11 @@ def test_a_failing_compiled_step_falls_back_to_eager_with_a_warning(tmp_path, ca
     assert trainer.step_module is trainer.loss_module          # eager from now on
     assert trainer.step == 1 and values["loss"] == values["loss"]
     assert "the compiler failed here" in capsys.readouterr().err
+
+
+def test_gradients_are_clipped_to_grad_clip_and_the_log_keeps_the_norm_before(tmp_path):
+    trainer, _ = _tiny_trainer(tmp_path, grad_clip=1e-3, skip_threshold=0.0)
+    values = trainer.train_step()
+    norm = torch.cat([p.grad.flatten() for p in trainer.parameters]).norm().item()
+    assert values["grad_norm"] > 1e-3                  # the logged norm is the one before
+    assert norm == pytest.approx(1e-3, rel=1e-4)        # what the optimizer stepped on
