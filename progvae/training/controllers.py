@@ -138,10 +138,14 @@ class LagrangianController(Controller):
 
     @classmethod
     def from_config(cls, config: Config) -> "LagrangianController":
-        return cls(_distortion_target(config), init=config.multiplier_init,
-                   minimum=config.multiplier_min, maximum=config.multiplier_max,
-                   lr=config.multiplier_lr, beta2=config.multiplier_beta2,
-                   ema=config.distortion_ema)
+        return cls(_distortion_target(config), **cls.multiplier_settings(config))
+
+    @staticmethod
+    def multiplier_settings(config: Config) -> dict:
+        """The projected-Adam multiplier's settings, shared with the `rate` scheme."""
+        return {"init": config.multiplier_init, "minimum": config.multiplier_min,
+                "maximum": config.multiplier_max, "lr": config.multiplier_lr,
+                "beta2": config.multiplier_beta2, "ema": config.distortion_ema}
 
     def __init__(self, target: float, init: float = 0.9999, minimum: float = 1e-4,
                  maximum: float = 0.9999, lr: float = 2e-4, beta2: float = 0.999,
@@ -232,10 +236,7 @@ class RateController(LagrangianController):
             raise UserError(
                 f"The rate target must be a positive KL in nats per dimension for "
                 f"--controller=rate (e.g. --rate_target=0.1); got {config.rate_target}.")
-        return cls(config.rate_target, init=config.multiplier_init,
-                   minimum=config.multiplier_min, maximum=config.multiplier_max,
-                   lr=config.multiplier_lr, beta2=config.multiplier_beta2,
-                   ema=config.distortion_ema)
+        return cls(config.rate_target, **cls.multiplier_settings(config))
 
     def constrained_value(self, rate: float, distortion: float) -> float:
         return rate
