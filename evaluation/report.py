@@ -177,7 +177,7 @@ def lpips_against_mse(sweep: Path, lpips_weights: str = "") -> list[dict]:
     from progvae.evaluation.metrics.lpips_metric import LpipsScorer
     from progvae.heldout import seeded
     from progvae.runs import load_scored
-    from progvae.training.trainer import default_device
+    from progvae.training.dist import default_device
 
     run_dirs = sorted(path for path in sweep.glob("target_*") if path.is_dir())
     if not run_dirs:

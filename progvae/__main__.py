@@ -86,7 +86,7 @@ def sample(run: str, n: int = 64, out: str = "samples.png", seed: int = 0,
     from progvae.data.images import save_grid
     from progvae.kinds import draw_samples
     from progvae.runs import load_scored
-    from progvae.training.trainer import default_device
+    from progvae.training.dist import default_device
 
     if not (isinstance(n, int) and n > 0):
         raise UserError(f"--n must be a positive integer, got {n!r}.")

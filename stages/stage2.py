@@ -23,7 +23,8 @@ from progvae.kinds import KINDS
 from progvae.training.loop import Recipe, train_run
 from progvae.models.pipeline import Pipeline, composite_terms
 from progvae.runs import load_model
-from progvae.training.trainer import FixedObjective, default_device
+from progvae.training.dist import default_device
+from progvae.training.objective import FixedObjective
 from progvae.models.vdvae import VDVAE
 
 

@@ -15,7 +15,7 @@ from progvae.config import Config
 from progvae.models.distributions import NoiseShard
 from progvae.kinds import KINDS
 from progvae.training.loop import Recipe, train_run
-from progvae.training.trainer import FixedObjective
+from progvae.training.objective import FixedObjective
 from progvae.models.vdvae import VDVAE
 
 

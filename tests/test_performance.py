@@ -11,7 +11,7 @@ from progvae.training.controllers import LagrangianController
 from progvae.models.distributions import NoiseShard
 from progvae.kinds import KINDS
 from progvae.stages.stage1 import Stage1Objective
-from progvae.training.trainer import LossModule
+from progvae.training.objective import LossModule
 
 BATCH = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
 

@@ -207,6 +207,32 @@ def test_updates_over_the_skip_threshold_are_skipped_counted_and_warned_about(tm
     assert all(json.loads(line)["multiplier"] == config.multiplier_init for line in lines)
 
 
+def test_the_skip_rule_and_its_stall_warning_at_most_once_per_window():
+    from progvae.training.updates import SKIP_WINDOW, SkipRecord
+
+    record = SkipRecord(skip_threshold=10.0)
+    assert record.decide(float("nan"), 1.0) and record.decide(1.0, float("inf"))
+    assert record.decide(1.0, 10.5) and not record.decide(1.0, 10.0)
+    assert record.skipped == 3
+    record = SkipRecord(skip_threshold=0.0)            # 0: no threshold, only non-finite skips
+    assert not record.decide(1.0, 1e30)
+    half = SKIP_WINDOW // 2
+    for step in range(1, SKIP_WINDOW):
+        record.decide(float("nan") if step <= half else 1.0, 1.0)
+        assert record.stall_warning(step) is None      # window not yet full, then only half
+    record.decide(float("nan"), 1.0)                   # half + 1 of the last SKIP_WINDOW
+    assert "training is stalling" in record.stall_warning(SKIP_WINDOW)
+    warned = []
+    for step in range(SKIP_WINDOW + 1, 3 * SKIP_WINDOW + 1):
+        record.decide(float("nan"), 1.0)
+        if record.stall_warning(step) is not None:
+            warned.append(step)
+    assert warned == [2 * SKIP_WINDOW, 3 * SKIP_WINDOW]
+    restored = SkipRecord(0.0)
+    restored.load_state_dict(record.state_dict())
+    assert restored.skipped == record.skipped and list(restored.recent) == list(record.recent)
+
+
 def _tiny_trainer(tmp_path, **fields):
     import copy as copy_module
 

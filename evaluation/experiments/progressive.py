@@ -42,7 +42,8 @@ from progvae.training.loop import Recipe, train_run, write_comparison
 from progvae.models.masked_coder import MaskedCoder
 from progvae.runs import load_model
 from progvae.stages.stage1 import Stage1Objective, controller_summary
-from progvae.training.trainer import FixedObjective, default_device
+from progvae.training.dist import default_device
+from progvae.training.objective import FixedObjective
 from progvae.models.vdvae import VDVAE
 
 N_FIGURE = 8   # held-out images in reconstructions.png

@@ -42,7 +42,7 @@ from progvae.data.loading import to_model_input
 from progvae.heldout import seeded
 from progvae.runs import load_model
 from progvae.stages.stage1 import train_stage1
-from progvae.training.trainer import default_device
+from progvae.training.dist import default_device
 
 N_RECONSTRUCTIONS = 10   # held-out images per row of reconstructions.png
 SETTLE_TOLERANCE = 0.1   # "settled": every later logged value within 10% of the target

@@ -34,7 +34,7 @@ from progvae.evaluation.metrics.elbo import importance_weighted_metrics
 from progvae.heldout import HELDOUT_SEED, RANK_SEED_STRIDE, heldout_metrics, seeded
 from progvae.kinds import RunKind, draw_samples
 from progvae.runs import load_scored
-from progvae.training.trainer import default_device
+from progvae.training.dist import default_device
 
 METRICS = ("elbo", "mse", "fid", "fid_digits", "lpips")
 DEFAULT_METRICS = ("elbo", "mse", "fid", "lpips")

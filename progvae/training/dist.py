@@ -105,6 +105,15 @@ def max_across_ranks(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def default_device() -> torch.device:
+    """The device this process computes on: its local GPU under torchrun, the current GPU in
+    one process, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank() if is_distributed() else
+                            torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def collective_device() -> torch.device:
     """Where tensors must be for a collective: this rank's GPU under NCCL, else the CPU."""
     if is_distributed() and torch_dist.get_backend() == "nccl":

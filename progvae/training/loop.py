@@ -27,7 +27,8 @@ from progvae.heldout import HELDOUT_SEED, heldout_metrics, seeded
 from progvae.data.images import save_grid, save_rows
 from progvae.kinds import RunKind
 from progvae.runs import PreparedRun, prepare_run
-from progvae.training.trainer import Objective, Trainer
+from progvae.training.objective import Objective
+from progvae.training.trainer import Trainer
 
 
 def _unchanged(model: nn.Module) -> nn.Module:
