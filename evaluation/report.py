@@ -20,7 +20,7 @@ import math
 import os
 from pathlib import Path
 
-from progvae.atomic import atomic_path, atomic_write_json, atomic_write_text
+from progvae.atomic import atomic_path, atomic_write_json, atomic_write_text, writable_output
 from progvae.errors import UserError
 from progvae.kinds import KINDS
 
@@ -123,8 +123,11 @@ def write_report(run_paths: list[str], out: str | Path, sweep: str = "",
     for path in run_paths:
         if not Path(path).is_dir():
             raise UserError(f"Run directory '{path}' does not exist; pass the --out of a run.")
+    out = Path(str(out))
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out='{out}' is a file; pass a folder for report.md.")
+    writable_output(out / "report.md", "--out")
     entries = [read_run(Path(path)) for path in run_paths]
-    out = Path(out)
     sweep_rows = lpips_against_mse(Path(sweep), lpips_weights) if sweep else None
     out.mkdir(parents=True, exist_ok=True)
 

@@ -6,7 +6,9 @@ command turns bad input into one sentence on stderr and exit status 2, never a t
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -88,12 +90,17 @@ def sample(run: str, n: int = 64, out: str = "samples.png", seed: int = 0,
     from progvae.runs import load_scored
     from progvae.training.dist import default_device
 
-    if not (isinstance(n, int) and n > 0):
-        raise UserError(f"--n must be a positive integer, got {n!r}.")
-    if not str(out).lower().endswith(".png"):
-        raise UserError(f"--out must name a .png file, got '{out}'.")
-    if npz and not str(npz).endswith(".npz"):
-        raise UserError(f"--npz must name a .npz file, got '{npz}'.")
+    from progvae.atomic import atomic_path, writable_output
+
+    _check_number("--n", n, minimum=1, integer=True)
+    _check_number("--batch_size", batch_size, minimum=1, integer=True)
+    _check_number("--seed", seed, minimum=0, integer=True)
+    _check_number("--temperature", temperature, minimum=0.0)
+    if stage1_temperature is not None:
+        _check_number("--stage1_temperature", stage1_temperature, minimum=0.0)
+    out = writable_output(out, "--out", ".png")
+    if npz:
+        npz = writable_output(npz, "--npz", ".npz")
     _, model, info = load_scored(run, default_device())
     kind = info["kind"]
     torch.manual_seed(seed)
@@ -103,8 +110,8 @@ def sample(run: str, n: int = 64, out: str = "samples.png", seed: int = 0,
     save_grid(shown, out)
     print(f"Wrote {len(shown)} {kind.name} samples of '{run}' to {out}.")
     if npz:
-        Path(npz).parent.mkdir(parents=True, exist_ok=True)
-        np.savez(npz, samples=images)
+        with atomic_path(npz) as temporary, open(temporary, "wb") as stream:
+            np.savez(stream, samples=images)
         print(f"Saved all {len(images)} samples as uint8 NHWC under 'samples' in {npz}.")
 
 
@@ -332,6 +339,18 @@ def bench(config: str = "tiny", model: str = "stage1", batch: int | None = None,
     print(f"Wrote {out}.")
 
 
+def _check_number(flag: str, value, minimum: float, integer: bool = False) -> None:
+    """A numeric flag of a command (config fields are checked by progvae.config): a finite
+    number (an integer where `integer`) of at least `minimum`."""
+    import math
+
+    kinds = (int,) if integer else (int, float)
+    if (isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value)
+            or value < minimum):
+        what = "an integer" if integer else "a finite number"
+        raise UserError(f"{flag} must be {what} >= {minimum:g}, got {value!r}.")
+
+
 def _stage2_config(stage1_run: str, preset: str, overrides: dict):
     """Stage two's config: a preset if given, else the stage-one run's own config.json."""
     from progvae.training.checkpoint import load_run_config
@@ -392,6 +411,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _help_for_fire(argv)
     try:
+        command = _checked_arguments(command)
         fire.Fire(COMMANDS, command=command, name="progvae")
     except SystemExit as done:
         if command != argv and argv and argv[0] in CONFIG_COMMANDS and not done.code:
@@ -410,6 +430,50 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         from progvae.training import dist
         dist.cleanup()
+
+
+def _checked_arguments(argv: list[str]) -> list[str]:
+    """Refuse, before the command starts, a positional argument it has no place for (fire
+    would complain only after the command had run), and keep the value of a text option text:
+    fire reads `--out=123` as the number 123."""
+    if not argv or argv[0] not in COMMANDS:
+        return argv
+    end = argv.index("--") if "--" in argv else len(argv)
+    parameters = inspect.signature(COMMANDS[argv[0]]).parameters
+    text_options = {name for name, parameter in parameters.items()
+                    if parameter.annotation in ("str", str)}
+    checked, named, positional = [argv[0]], set(), []
+    index = 1
+    while index < end:
+        token = argv[index]
+        if token.startswith("--") and len(token) > 2:
+            name, equals, value = token[2:].partition("=")
+            name = name.replace("-", "_")
+            named.add(name)
+            if equals and name in text_options and not _reads_as_text(value):
+                token = f"--{name}={value!r}"
+            checked.append(token)
+            if not equals and index + 1 < end and not argv[index + 1].startswith("--"):
+                index += 1   # `--flag value`
+                checked.append(argv[index])
+        else:
+            positional.append(token)
+            checked.append(token)
+        index += 1
+    free = [name for name, parameter in parameters.items()
+            if parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and name not in named]
+    if len(positional) > len(free):
+        raise UserError(f"Unexpected argument '{positional[len(free)]}' for `progvae {argv[0]}`; "
+                        f"options are written --name=value (see `progvae {argv[0]} --help`).")
+    return checked + argv[end:]
+
+
+def _reads_as_text(value: str) -> bool:
+    """Whether fire hands `value` to a command as the string it is (not a number, bool, ...)."""
+    try:
+        return isinstance(ast.literal_eval(value), str)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return True
 
 
 def _help_for_fire(argv: list[str]) -> list[str]:

@@ -42,3 +42,25 @@ def atomic_write_text(text: str, path: str | Path) -> None:
 
 def atomic_write_json(values: dict, path: str | Path, indent: int = 2) -> None:
     atomic_write_text(json.dumps(values, indent=indent) + "\n", path)
+
+
+def writable_output(path, flag: str, suffix: str | None = None) -> Path:
+    """Check, before any work, that the file `path` (given as `flag`) can be written: the right
+    suffix, not a folder, its folder creatable and writable. Returns it as a Path."""
+    from progvae.errors import UserError
+
+    path = Path(str(path))
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise UserError(f"{flag} must name a {suffix} file, got '{path}'.")
+    if path.is_dir():
+        raise UserError(f"{flag}='{path}' is a folder; pass the name of a {suffix or ''} file "
+                        "to write.".replace("  ", " "))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"{flag}='{path}' cannot be written: its folder cannot be created "
+                        f"({error.strerror}); pass a path you can write to.") from None
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"{flag}='{path}' cannot be written (no permission); pass a path you "
+                        "can write to.")
+    return path

@@ -185,6 +185,9 @@ def _read_preset(name: str) -> dict[str, Any]:
         values = json.loads(text)
     except json.JSONDecodeError as error:
         raise UserError(f"Config preset '{name}' is not valid JSON ({error}); fix the file.")
+    if not isinstance(values, dict):
+        raise UserError(f"Config preset '{name}' holds a JSON {type(values).__name__}, not an "
+                        'object of fields; write it as {"field": value, ...}.')
     values.pop("_comment", None)
     return values
 

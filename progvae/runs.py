@@ -144,10 +144,22 @@ def load_model(run: str | Path, device: torch.device | str = "cpu"
     kind = get_kind(state.get("stage"), f"'{run_dir}'")
     model = kind.build(config)
     model.load_state_dict(state["ema"])
+    refuse_non_finite_weights(model, f"'{run_dir}'")
     model.to(device).eval().requires_grad_(False)
     info = {"stage": kind.name, "kind": kind, "step": state["step"],
             "finished": state["step"] >= config.steps}
     return config, model, info
+
+
+def refuse_non_finite_weights(model: nn.Module, source: str) -> None:
+    """A network whose weights hold NaN or Inf (a run that diverged) is refused: everything
+    computed from it would be NaN."""
+    bad = [name for name, value in model.state_dict().items()
+           if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise UserError(f"{source} holds NaN or Inf weights in {len(bad)} tensor(s) (e.g. "
+                        f"{bad[0]}): the run diverged; resume it from an earlier checkpoint "
+                        "with a lower --lr, or retrain it.")
 
 
 def load_scored(run: str | Path, device: torch.device | str = "cpu"

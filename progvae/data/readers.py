@@ -359,8 +359,26 @@ def folder_recipe(folder: Path, image_size: int, resize: bool, workers: int = 0)
 def list_images(folder: Path, extensions: set[str] = IMAGE_EXTENSIONS) -> list[str]:
     """Paths (strings: a large folder is listed on every load) of the image files under
     `folder`, recursively, in the order of their path components."""
-    found = [os.path.join(parent, name) for parent, _, names in os.walk(folder, followlinks=True)
-             for name in names if os.path.splitext(name)[1].lower() in extensions]
+    found = []
+    ancestors: set[tuple[int, int]] = set()   # (device, inode) of the folders being walked
+
+    def walk(directory: str) -> None:
+        info = os.stat(directory)
+        key = (info.st_dev, info.st_ino)
+        if key in ancestors:   # a symbolic link back into a folder above it: endless
+            raise UserError(f"'{directory}' is a symbolic link loop (it leads back to a folder "
+                            f"above it) inside --data's folder '{folder}'; remove that link.")
+        ancestors.add(key)
+        with os.scandir(directory) as entries:
+            listed = sorted(entries, key=lambda entry: entry.name)
+        for entry in listed:
+            if entry.is_dir(follow_symlinks=True):
+                walk(entry.path)
+            elif os.path.splitext(entry.name)[1].lower() in extensions:
+                found.append(entry.path)
+        ancestors.discard(key)
+
+    walk(str(folder))
     return sorted(found, key=lambda file: file.split(os.sep))
 
 

@@ -1,0 +1,226 @@
+"""Every bad input we know of, through the real command line in this process: one sentence on
+stderr naming what is wrong, exit status 2, no traceback, and no file of an existing run changed.
+
+`python tests/test_bad_input.py` prints the table of cases with the sentence each one gets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+from pathlib import Path
+
+import imageio.v3 as imageio
+import numpy as np
+import pytest
+import torch
+
+from progvae.__main__ import main
+
+QUICK = ["--steps=2", "--log_every=1", "--checkpoint_every=0", "--n_grid=4", "--quiet=True"]
+STAGE1 = ["stage1", "--config=digits", "--distortion_target=0.02", *QUICK]
+
+# (what is wrong, the command with {run} = a finished stage-one run and {tmp} = a scratch
+# folder, a word the sentence must contain)
+CASES = [
+    ("zero steps", [*STAGE1, "--out={run}", "--steps=0"], "'steps'"),
+    ("negative steps", [*STAGE1, "--out={run}", "--steps=-5"], "'steps'"),
+    ("steps not a number", [*STAGE1, "--out={run}", "--steps=lots"], "steps"),
+    ("EMA rate above 1", [*STAGE1, "--out={run}", "--ema_rate=5"], "'ema_rate'"),
+    ("log_every 0", [*STAGE1, "--out={run}", "--log_every=0"], "'log_every'"),
+    ("eval_batch_size 0", [*STAGE1, "--out={run}", "--eval_batch_size=0"], "'eval_batch_size'"),
+    ("n_grid 0", [*STAGE1, "--out={run}", "--n_grid=0"], "'n_grid'"),
+    ("accumulate 0", [*STAGE1, "--out={run}", "--accumulate=0"], "'accumulate'"),
+    ("width 0", [*STAGE1, "--out={run}", "--width=0"], "'width'"),
+    ("batch size 0", [*STAGE1, "--out={run}", "--batch_size=0"], "'batch_size'"),
+    ("batch larger than the data", [*STAGE1, "--out={run}", "--batch_size=100000"],
+     "batch_size"),
+    ("unknown precision", [*STAGE1, "--out={run}", "--precision=fp16"], "'precision'"),
+    ("unknown controller", [*STAGE1, "--out={run}", "--controller=nosuch"], "controller"),
+    ("NaN learning rate", [*STAGE1, "--out={run}", "--lr=nan"], "'lr'"),
+    ("infinite target", [*STAGE1, "--out={run}", "--distortion_target=inf"],
+     "distortion_target"),
+    ("zero target", [*STAGE1, "--out={run}", "--distortion_target=0"], "distortion"),
+    ("negative target", [*STAGE1, "--out={run}", "--distortion_target=-0.5"], "distortion"),
+    ("negative grad_clip", [*STAGE1, "--out={run}", "--grad_clip=-1"], "'grad_clip'"),
+    ("misspelt field", [*STAGE1, "--out={run}", "--wdith=3"], "wdith"),
+    ("unknown preset", ["stage1", "--config=nosuch", "--out={run}"], "nosuch"),
+    ("changed architecture", [*STAGE1, "--out={run}", "--width=16"], "width"),
+    ("config JSON that is a list", ["stage1", "--config={tmp}/list.json", "--out={run}"],
+     "list.json"),
+    ("config JSON with Infinity", ["stage1", "--config={tmp}/infinite.json", "--out={run}"],
+     "distortion_target"),
+    ("config file not JSON", ["stage1", "--config={tmp}/broken.json", "--out={run}"],
+     "broken.json"),
+    ("stray positional argument", [*STAGE1, "extra", "--out={run}"], "extra"),
+    ("--out a number", [*STAGE1, "--out=123", "--data=folder:{tmp}/missing"], "missing"),
+    ("--out is a file", [*STAGE1, "--out={tmp}/list.json"], "is a file"),
+    ("--out cannot be created", [*STAGE1, "--out=/proc/progvae/run"], "cannot be created"),
+    ("no --out", [*STAGE1], "--out"),
+    ("missing data folder", [*STAGE1, "--out={tmp}/new", "--data=folder:{tmp}/missing"],
+     "missing"),
+    ("unknown data spec", [*STAGE1, "--out={tmp}/new", "--data=nosuch:x"], "nosuch"),
+    ("symlink loop in a folder dataset", [*STAGE1, "--out={tmp}/new",
+                                          "--data=folder:{tmp}/loop"], "symbolic link loop"),
+    ("empty image folder", [*STAGE1, "--out={tmp}/new", "--data=folder:{tmp}/empty"], "empty"),
+    ("an unreadable image", [*STAGE1, "--out={tmp}/new", "--data=folder:{tmp}/unreadable"],
+     "broken.png"),
+    ("images of the wrong size", [*STAGE1, "--out={tmp}/new", "--data=folder:{tmp}/sized"],
+     "20x20"),
+    ("resume: planted payload", [*STAGE1, "--out={tmp}/payload"], "never unpickles code"),
+    ("sample: no such run", ["sample", "--run={tmp}/missing", "--out={tmp}/s.png"], "missing"),
+    ("sample: no checkpoint", ["sample", "--run={tmp}/empty", "--out={tmp}/s.png"],
+     "checkpoint"),
+    ("sample: negative temperature", ["sample", "--run={run}", "--temperature=-1",
+                                      "--out={tmp}/s.png"], "temperature"),
+    ("sample: temperature not a number", ["sample", "--run={run}", "--temperature=abc",
+                                          "--out={tmp}/s.png"], "temperature"),
+    ("sample: n 0", ["sample", "--run={run}", "--n=0", "--out={tmp}/s.png"], "--n"),
+    ("sample: batch size 0", ["sample", "--run={run}", "--batch_size=0", "--out={tmp}/s.png"],
+     "batch_size"),
+    ("sample: seed not a number", ["sample", "--run={run}", "--seed=abc", "--out={tmp}/s.png"],
+     "seed"),
+    ("sample: --out not a .png", ["sample", "--run={run}", "--out={tmp}/s.jpg"], ".png"),
+    ("sample: --out a number", ["sample", "--run={run}", "--out=123"], ".png"),
+    ("sample: --out not writable", ["sample", "--run={run}", "--out=/proc/progvae/s.png"],
+     "/proc/progvae"),
+    ("sample: --npz not .npz", ["sample", "--run={run}", "--out={tmp}/s.png",
+                                "--npz={tmp}/s.txt"], ".npz"),
+    ("sample: planted payload", ["sample", "--run={tmp}/payload", "--out={tmp}/s.png"],
+     "refuses"),
+    ("sample: truncated checkpoint", ["sample", "--run={tmp}/truncated", "--out={tmp}/s.png"],
+     "truncated"),
+    ("sample: NaN weights", ["sample", "--run={tmp}/nan", "--out={tmp}/s.png"], "NaN"),
+    ("evaluate: no --run", ["evaluate"], "--run"),
+    ("evaluate: unknown metric", ["evaluate", "--run={run}", "--metrics=nosuch"], "nosuch"),
+    ("evaluate: unknown split", ["evaluate", "--run={run}", "--split=val"], "--split"),
+    ("evaluate: n_samples 0", ["evaluate", "--run={run}", "--n_samples=0"], "n_samples"),
+    ("evaluate: missing Inception weights", ["evaluate", "--run={run}", "--metrics=fid",
+                                             "--inception_weights={tmp}/missing.pth"],
+     "missing.pth"),
+    ("stage2: no --stage1", ["stage2", "--out={tmp}/s2", *QUICK], "--stage1"),
+    ("stage2: missing stage one", ["stage2", "--stage1={tmp}/missing", "--out={tmp}/s2",
+                                   *QUICK], "missing"),
+    ("evaluate: planted payload", ["evaluate", "--run={tmp}/payload", "--metrics=mse"],
+     "never unpickles code"),
+    ("evaluate: NaN weights", ["evaluate", "--run={tmp}/nan", "--metrics=mse"], "NaN"),
+    ("stage2: stage one with a planted payload", ["stage2", "--stage1={tmp}/payload",
+                                                  "--out={tmp}/s2", *QUICK],
+     "never unpickles code"),
+    ("stage2: stage one with NaN weights", ["stage2", "--stage1={tmp}/nan", "--out={tmp}/s2",
+                                            *QUICK], "NaN"),
+    ("report: --out is a file", ["report", "--runs={run}", "--out={tmp}/list.json"],
+     "is a file"),
+    ("report: no such run", ["report", "--runs={tmp}/missing", "--out={tmp}/report"],
+     "missing"),
+    ("progressive: not a vdvae run", ["progressive", "--run={run}", "--out={tmp}/p"],
+     "vdvae"),
+    ("data: no --data", ["data"], "--data"),
+    ("bench: unknown model", ["bench", "--model=nosuch", "--out={tmp}/b.json"], "nosuch"),
+]
+
+
+def make_scratch(tmp: Path, run: Path) -> None:
+    """The files the cases name: broken configs, a symlink loop, damaged copies of the run."""
+    (tmp / "list.json").write_text("[1, 2]")
+    (tmp / "infinite.json").write_text('{"distortion_target": Infinity}')
+    (tmp / "broken.json").write_text('{"steps": ')
+    (tmp / "empty").mkdir()
+    loop = tmp / "loop"
+    (loop / "inner").mkdir(parents=True)
+    for index in range(4):
+        imageio.imwrite(loop / f"{index}.png", np.zeros((16, 16), np.uint8))
+    (loop / "inner" / "back").symlink_to(loop, target_is_directory=True)
+    for name, size in (("unreadable", 16), ("sized", 20)):
+        (tmp / name).mkdir()
+        for index in range(3):
+            imageio.imwrite(tmp / name / f"{index}.png", np.zeros((size, size), np.uint8))
+    (tmp / "unreadable" / "broken.png").write_bytes(b"not a png at all")
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    for name in ("payload", "truncated", "nan"):
+        (tmp / name).mkdir()
+        (tmp / name / "config.json").write_bytes((run / "config.json").read_bytes())
+    (tmp / "payload" / "checkpoint.pt").write_bytes(_planted_payload(tmp / "ran"))
+    (tmp / "truncated" / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes()[:999])
+    state["ema"] = {name: torch.full_like(value, float("nan")) if value.is_floating_point()
+                    else value for name, value in state["ema"].items()}
+    torch.save(state, tmp / "nan" / "checkpoint.pt")
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _planted_payload(marker: Path) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"stage": "stage1", "step": 2, "ema": _Payload(marker)}, buffer)
+    return buffer.getvalue()
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_case(argv: list[str], run: Path, tmp: Path) -> tuple[int, str, bool]:
+    """The exit status, what was printed to stderr, and whether the run's files changed."""
+    argv = [part.format(run=run, tmp=tmp) for part in argv]
+    before = snapshot(run)
+    stderr = io.StringIO()
+    code = 0
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main(argv)
+        except SystemExit as done:
+            code = done.code if isinstance(done.code, int) else 1
+    return code, stderr.getvalue().strip(), snapshot(run) != before
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory) -> tuple[Path, Path]:
+    """A finished tiny stage-one run and the scratch folder of the cases."""
+    run = tmp_path_factory.mktemp("runs") / "run"
+    with contextlib.redirect_stdout(io.StringIO()):
+        main([*STAGE1, f"--out={run}"])
+    tmp = tmp_path_factory.mktemp("scratch")
+    make_scratch(tmp, run)
+    return run, tmp
+
+
+@pytest.mark.parametrize("what, argv, needle", CASES, ids=[case[0] for case in CASES])
+def test_bad_input_is_one_sentence_exit_2_and_changes_nothing(scratch, what, argv, needle):
+    run, tmp = scratch
+    code, message, changed = run_case(argv, run, tmp)
+    assert code == 2, message
+    assert "Traceback" not in message
+    message = message[message.find("progvae: error:"):]   # after any progress bar
+    assert message.startswith("progvae: error:") and "\n" not in message, message
+    assert needle in message, message
+    assert not changed
+    assert not (tmp / "ran").exists()          # a planted payload never runs
+
+
+if __name__ == "__main__":   # the table of the closing note
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        run, tmp = Path(folder) / "run", Path(folder) / "scratch"
+        with contextlib.redirect_stdout(io.StringIO()):
+            main([*STAGE1, f"--out={run}"])
+        tmp.mkdir()
+        make_scratch(tmp, run)
+        print("| # | input | sentence printed | exit | run changed |")
+        print("|---|---|---|---|---|")
+        for number, (what, argv, _) in enumerate(CASES, 1):
+            code, message, changed = run_case(argv, run, tmp)
+            shown = " ".join(argv).replace(" ".join(QUICK), "…")
+            message = message.replace(str(folder), "…").replace("|", "\\|")
+            print(f"| {number} | {what}: `{shown}` | {message} | {code} | "
+                  f"{'yes' if changed else 'no'} |")
+        sys.exit(0)
