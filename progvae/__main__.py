@@ -259,7 +259,7 @@ def vdvae(config: str = "tiny", out: str = "", quiet: bool = False, **overrides)
     from progvae.config import load_config
     from progvae.stages.vdvae import train_vdvae
 
-    summary = train_vdvae(load_config(config, overrides), out, quiet=quiet)
+    summary = _printable(train_vdvae(load_config(config, overrides), out, quiet=quiet))
     if _is_main():
         print(f"\nvdvae, held-out split after {summary['steps']} steps ({summary['skipped']} "
               f"skipped):\n  ELBO {summary['elbo']:.4f} nats/dim = {summary['bpd']:.4f} bits/dim "
@@ -362,7 +362,13 @@ def _stage2_config(stage1_run: str, preset: str, overrides: dict):
     return apply_overrides(stage1_config, overrides, "the command line")
 
 
+def _printable(summary: dict) -> dict:
+    """A summary whose non-finite values (None, see progvae.atomic.flag_non_finite) print as nan."""
+    return {key: float("nan") if value is None else value for key, value in summary.items()}
+
+
 def _print_composite_summary(summary: dict, out: str) -> None:
+    summary = _printable(summary)
     if not _is_main():
         return
     print(f"\n{summary['stage']}, held-out split after {summary['steps']} steps "
@@ -377,6 +383,7 @@ def _print_composite_summary(summary: dict, out: str) -> None:
 
 
 def _print_stage1_summary(summary: dict, out: str) -> None:
+    summary = _printable(summary)
     if not _is_main():
         return
     print(f"\nStage one, held-out split after {summary['steps']} steps "
@@ -410,11 +417,12 @@ CONFIG_COMMANDS = ("stage1", "stage2", "joint", "vdvae", "sweep", "progressive",
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _help_for_fire(argv)
+    asked_for_help = command != argv
     try:
         command = _checked_arguments(command)
         fire.Fire(COMMANDS, command=command, name="progvae")
     except SystemExit as done:
-        if command != argv and argv and argv[0] in CONFIG_COMMANDS and not done.code:
+        if asked_for_help and argv[0] in CONFIG_COMMANDS and not done.code:
             from progvae.config import describe_fields
             print(describe_fields())
         raise

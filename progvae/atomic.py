@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import sys
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -41,7 +43,34 @@ def atomic_write_text(text: str, path: str | Path) -> None:
 
 
 def atomic_write_json(values: dict, path: str | Path, indent: int = 2) -> None:
-    atomic_write_text(json.dumps(values, indent=indent) + "\n", path)
+    """Valid JSON always: a NaN or infinity (which json.dumps would write as the non-JSON
+    `NaN`) becomes null; `flag_non_finite` is how a result says which values those were."""
+    atomic_write_text(json.dumps(_finite_or_null(values), indent=indent, allow_nan=False) + "\n",
+                      path)
+
+
+def _finite_or_null(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
+
+
+def flag_non_finite(values: dict, what: str) -> dict:
+    """A result with its NaN or infinite numbers named: they become None (null in JSON), the
+    key "non_finite" lists them, and a warning says so on stderr. Unchanged if all are finite."""
+    bad = sorted(key for key, value in values.items()
+                 if isinstance(value, float) and not math.isfinite(value))
+    if not bad:
+        return values
+    print(f"WARNING: {what} has non-finite values ({', '.join(bad)}); they are written as null "
+          "and listed under non_finite. The model or the data produce NaN or Inf.",
+          file=sys.stderr, flush=True)
+    return {**{key: None if key in bad else value for key, value in values.items()},
+            "non_finite": bad}
 
 
 def writable_output(path, flag: str, suffix: str | None = None) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import sys
 from pathlib import Path
@@ -204,6 +205,19 @@ def test_bad_input_is_one_sentence_exit_2_and_changes_nothing(scratch, what, arg
     assert needle in message, message
     assert not changed
     assert not (tmp / "ran").exists()          # a planted payload never runs
+
+
+def test_non_finite_results_are_flagged_and_written_as_valid_json(tmp_path, capsys):
+    from progvae.atomic import atomic_write_json, flag_non_finite
+
+    flagged = flag_non_finite({"elbo": float("nan"), "mse": 0.5, "fid": float("inf"),
+                               "kind": "stage2"}, "summary.json")
+    assert flagged == {"elbo": None, "mse": 0.5, "fid": None, "kind": "stage2",
+                       "non_finite": ["elbo", "fid"]}
+    assert "non-finite values (elbo, fid)" in capsys.readouterr().err
+    atomic_write_json({"nested": [float("nan"), 1.0], "x": float("-inf")}, tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text()) == {"nested": [None, 1.0], "x": None}
+    assert flag_non_finite({"mse": 0.5}, "summary.json") == {"mse": 0.5}
 
 
 if __name__ == "__main__":   # the table of the closing note

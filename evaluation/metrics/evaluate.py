@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from progvae.training import dist
-from progvae.atomic import atomic_write_json
+from progvae.atomic import atomic_write_json, flag_non_finite
 from progvae.data.loading import load_data_for, to_model_input
 from progvae.errors import UserError
 from progvae.evaluation.metrics.elbo import importance_weighted_metrics
@@ -151,6 +151,7 @@ def evaluate_run(run: str | Path, data_spec: str = "", metrics=None, split: str 
     result["metrics"] = names
     result["seconds"] = round(time.perf_counter() - started, 2)
     if dist.is_main():
+        result = flag_non_finite(result, f"{run}/eval.json")
         write_eval(Path(run), result)
     dist.barrier()
     return result

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from progvae.training import dist
-from progvae.atomic import atomic_write_json
+from progvae.atomic import atomic_write_json, flag_non_finite
 from progvae.config import Config
 from progvae.data.loading import ImageData, to_model_input, to_uint8_images
 from progvae.heldout import HELDOUT_SEED, heldout_metrics, seeded
@@ -78,7 +78,8 @@ def _train(kind: RunKind, prepared: PreparedRun, recipe: Recipe) -> tuple[dict, 
     trainer.resume(prepared.resume_state)
     trainer.fit()
     heldout = evaluate()
-    summary = {**trainer.run_facts(), **summary_values(kind, heldout), **recipe.summary(heldout)}
+    summary = flag_non_finite({**trainer.run_facts(), **summary_values(kind, heldout),
+                               **recipe.summary(heldout)}, f"{out_dir}/summary.json")
     if dist.is_main():
         atomic_write_json(summary, out_dir / "summary.json")
         write_images(kind, recipe.scored(trainer.ema_model), data, out_dir, config.n_grid,
