@@ -22,7 +22,8 @@ DEMO_STAGE2_STEPS = 600
 DEMO_FID_SAMPLES = 1000   # fid_digits samples: a few seconds on CPU
 
 
-def stage1(config: str = "tiny", out: str = "", quiet: bool = False, **overrides) -> None:
+def stage1(config: str = "tiny", out: str = "", quiet: bool = False, resume_from: int = 0,
+           **overrides) -> None:
     """Train stage one: minimise rate subject to --distortion_target (MSE/dim on [-1, 1]).
 
     Example: python -m progvae stage1 --config=tiny --data=patches --out=runs/s1
@@ -35,17 +36,19 @@ def stage1(config: str = "tiny", out: str = "", quiet: bool = False, **overrides
       beta        beta-VAE D + beta R, fixed, no target  (--beta)
       rate        rate targeting, R held to --rate_target nats/dim instead of D
     summary.json says whether the target was met ("constraint_met").
-    Any config field can be overridden as --field=value. Re-running on the same --out resumes.
+    Any config field can be overridden as --field=value. Re-running on the same --out resumes
+    from the latest checkpoint; --resume_from=STEP from a kept one (--keep_checkpoints=N).
     """
     from progvae.config import load_config
     from progvae.stages.stage1 import train_stage1
 
-    summary = train_stage1(load_config(config, overrides), out, quiet=quiet)
+    summary = train_stage1(load_config(config, overrides), out, quiet=quiet,
+                           resume_from=_resume_step(resume_from))
     _print_stage1_summary(summary, out)
 
 
 def stage2(stage1: str = "", config: str = "", out: str = "", quiet: bool = False,
-           **overrides) -> None:
+           resume_from: int = 0, **overrides) -> None:
     """Train stage two on a finished, frozen stage-one run.
 
     Example: python -m progvae stage2 --stage1=runs/s1 --out=runs/s2 --steps=2000
@@ -56,11 +59,13 @@ def stage2(stage1: str = "", config: str = "", out: str = "", quiet: bool = Fals
 
     if not stage1:
         raise UserError("Pass --stage1=RUN, the directory of a finished stage-one run.")
-    summary = train_stage2(_stage2_config(stage1, config, overrides), stage1, out, quiet=quiet)
+    summary = train_stage2(_stage2_config(stage1, config, overrides), stage1, out, quiet=quiet,
+                           resume_from=_resume_step(resume_from))
     _print_composite_summary(summary, out)
 
 
-def joint(config: str = "tiny", out: str = "", quiet: bool = False, **overrides) -> None:
+def joint(config: str = "tiny", out: str = "", quiet: bool = False, resume_from: int = 0,
+          **overrides) -> None:
     """Train the conventional baseline: stage one and stage two end to end by the ELBO.
 
     Example: python -m progvae joint --config=digits --out=runs/joint --steps=2000
@@ -68,7 +73,8 @@ def joint(config: str = "tiny", out: str = "", quiet: bool = False, **overrides)
     from progvae.config import load_config
     from progvae.stages.joint import train_joint
 
-    summary = train_joint(load_config(config, overrides), out, quiet=quiet)
+    summary = train_joint(load_config(config, overrides), out, quiet=quiet,
+                          resume_from=_resume_step(resume_from))
     _print_composite_summary(summary, out)
 
 
@@ -249,7 +255,8 @@ def evaluate(run: str = "", data: str = "", metrics=None, split: str = "test",
         print(f"Wrote {Path(run) / 'eval.json'} ({result['seconds']:.0f} s).")
 
 
-def vdvae(config: str = "tiny", out: str = "", quiet: bool = False, **overrides) -> None:
+def vdvae(config: str = "tiny", out: str = "", quiet: bool = False, resume_from: int = 0,
+          **overrides) -> None:
     """Train the original VDVAE by the ELBO with its DMoL head (the conventional HVAE of paper
     003 §4; the run `progressive` analyses).
 
@@ -259,7 +266,8 @@ def vdvae(config: str = "tiny", out: str = "", quiet: bool = False, **overrides)
     from progvae.config import load_config
     from progvae.stages.vdvae import train_vdvae
 
-    summary = _printable(train_vdvae(load_config(config, overrides), out, quiet=quiet))
+    summary = _printable(train_vdvae(load_config(config, overrides), out, quiet=quiet,
+                                     resume_from=_resume_step(resume_from)))
     if _is_main():
         print(f"\nvdvae, held-out split after {summary['steps']} steps ({summary['skipped']} "
               f"skipped):\n  ELBO {summary['elbo']:.4f} nats/dim = {summary['bpd']:.4f} bits/dim "
@@ -337,6 +345,12 @@ def bench(config: str = "tiny", model: str = "stage1", batch: int | None = None,
     print(format_result(result))
     write_result({"config": config, **result}, out)
     print(f"Wrote {out}.")
+
+
+def _resume_step(step) -> int:
+    """--resume_from=STEP (0: the latest checkpoint, as a plain re-run)."""
+    _check_number("--resume_from", step, minimum=0, integer=True)
+    return step
 
 
 def _check_number(flag: str, value, minimum: float, integer: bool = False) -> None:

@@ -16,7 +16,9 @@ from torch import nn
 
 from progvae.training import dist
 from progvae.atomic import atomic_write_json
+from progvae.training import history
 from progvae.training.checkpoint import CHECKPOINT, load_checkpoint, load_run_config
+from progvae.training.history import HISTORY
 from progvae.config import ARCHITECTURE_FIELDS, Config
 from progvae.data.loading import ImageData, load_data_for
 from progvae.errors import UserError
@@ -45,11 +47,13 @@ class PreparedRun:
 
 
 def prepare_run(config: Config, out: str | Path, stage: str,
-                check_data: Callable[[ImageData], None] | None = None) -> PreparedRun:
+                check_data: Callable[[ImageData], None] | None = None,
+                resume_from: int = 0) -> PreparedRun:
     """Load and check the data (also with `check_data`, if given), fill in what the data
     decides, check that `out` may be continued and load its checkpoint, then take the run
     directory's lock and write config.json. Everything that can fail on bad input fails before
-    the first write, so a refused command changes no file of an existing run."""
+    the first write, so a refused command changes no file of an existing run. `resume_from`:
+    continue from the kept checkpoint of that step (progvae.training.history), not the latest."""
     if not out:
         raise UserError("Pass --out=DIR, the run directory to write (or to continue).")
     dist.setup(config.dist_timeout)
@@ -67,7 +71,10 @@ def prepare_run(config: Config, out: str | Path, stage: str,
         raise UserError(f"--out='{out}' is a file; pass a directory.")
     _check_continuation(out_dir, config, stage)
     checkpoint = out_dir / CHECKPOINT
-    resume_state = load_checkpoint(checkpoint) if checkpoint.is_file() else None
+    if resume_from:
+        resume_state = history.load_kept(out_dir, resume_from)
+    else:
+        resume_state = load_checkpoint(checkpoint) if checkpoint.is_file() else None
     lock = None
     if dist.is_main():
         try:
@@ -77,6 +84,10 @@ def prepare_run(config: Config, out: str | Path, stage: str,
                             "directory you can write to.") from None
         lock = lock_run_directory(out_dir)
         remove_stale_temporaries(out_dir)
+        if resume_from:
+            aside = history.rewind(out_dir, resume_from)
+            print(f"Going back to step {resume_from}; what came after it is set aside in "
+                  f"{aside}.", flush=True)
         atomic_write_json({"stage": stage, **config.to_dict()}, out_dir / "config.json")
     dist.barrier()
     # The same seed on every rank: identical initial weights and one shared noise stream.
@@ -110,7 +121,7 @@ def lock_run_directory(out_dir: Path) -> IO:
 def remove_stale_temporaries(out_dir: Path) -> None:
     """Temporary files an interrupted atomic write left behind (progvae.atomic names them
     NAME.PID.HEX.tmp); only called by the lock holder, so none of them is being written."""
-    for path in out_dir.glob("*.tmp"):
+    for path in [*out_dir.glob("*.tmp"), *(out_dir / HISTORY).glob("*.tmp")]:
         parts = path.name.split(".")
         if len(parts) >= 4 and parts[-3].isdigit() and len(parts[-2]) == 8:
             path.unlink(missing_ok=True)

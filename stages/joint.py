@@ -11,8 +11,10 @@ from progvae.training.loop import Recipe, train_run
 from progvae.stages.stage2 import CompositeObjective
 
 
-def train_joint(config: Config, out: str | Path, quiet: bool = False) -> dict:
+def train_joint(config: Config, out: str | Path, quiet: bool = False,
+                resume_from: int = 0) -> dict:
     """Train (or continue) a joint run in `out`; returns the held-out summary. The Pipeline it
     trains has exactly the two-stage model's parameters (KINDS["joint"].build)."""
-    summary, _ = train_run(KINDS["joint"], config, out, Recipe(CompositeObjective(), quiet=quiet))
+    summary, _ = train_run(KINDS["joint"], config, out, Recipe(CompositeObjective(), quiet=quiet),
+                            resume_from)
     return summary

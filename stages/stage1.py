@@ -53,13 +53,14 @@ def controller_summary(controller, tolerance: float):
     return summarise
 
 
-def train_stage1(config: Config, out: str | Path, quiet: bool = False) -> dict:
+def train_stage1(config: Config, out: str | Path, quiet: bool = False,
+                 resume_from: int = 0) -> dict:
     """Train (or continue) a stage-one run in `out`; returns the held-out summary."""
     controller = build_controller(config)          # fails on a bad target before any write
     check_same_controller(out, config)
     recipe = Recipe(Stage1Objective(controller), quiet=quiet,
                     summary=controller_summary(controller, config.constraint_tolerance))
-    summary, _ = train_run(KINDS["stage1"], config, out, recipe)
+    summary, _ = train_run(KINDS["stage1"], config, out, recipe, resume_from)
     if dist.is_main():
         warning = constraint_warning(summary)
         if warning:

@@ -97,7 +97,7 @@ def warn_if_stage1_missed_its_target(run: str | Path) -> None:
 
 
 def train_stage2(config: Config, stage1_run: str | Path, out: str | Path,
-                 quiet: bool = False) -> dict:
+                 quiet: bool = False, resume_from: int = 0) -> dict:
     """Train (or continue) stage two on a frozen, finished stage-one run."""
     dist.setup(config.dist_timeout)
     stage1_config, stage1, stage1_step = load_finished_stage1(stage1_run, default_device())
@@ -117,5 +117,5 @@ def train_stage2(config: Config, stage1_run: str | Path, out: str | Path,
     warn_if_stage1_missed_its_target(stage1_run)
     recipe = Recipe(CompositeObjective(stage1), check_data=check_data, quiet=quiet,
                     scored=lambda stage2: Pipeline(stage1, stage2))
-    summary, _ = train_run(KINDS["stage2"], config, out, recipe)
+    summary, _ = train_run(KINDS["stage2"], config, out, recipe, resume_from)
     return summary

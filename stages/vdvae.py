@@ -32,7 +32,9 @@ class ElboObjective(FixedObjective):
                 "rate": out["rate"].mean()}
 
 
-def train_vdvae(config: Config, out: str | Path, quiet: bool = False) -> dict:
+def train_vdvae(config: Config, out: str | Path, quiet: bool = False,
+                resume_from: int = 0) -> dict:
     """Train (or continue) a plain VDVAE run in `out`; returns the held-out summary."""
-    summary, _ = train_run(KINDS["vdvae"], config, out, Recipe(ElboObjective(), quiet=quiet))
+    summary, _ = train_run(KINDS["vdvae"], config, out, Recipe(ElboObjective(), quiet=quiet),
+                            resume_from)
     return summary

@@ -285,3 +285,30 @@ def test_gradients_are_clipped_to_grad_clip_and_the_log_keeps_the_norm_before(tm
     norm = torch.cat([p.grad.flatten() for p in trainer.parameters]).norm().item()
     assert values["grad_norm"] > 1e-3                  # the logged norm is the one before
     assert norm == pytest.approx(1e-3, rel=1e-4)        # what the optimizer stepped on
+
+
+def test_kept_checkpoints_let_a_run_go_back_and_continue_exactly(tmp_path, capsys):
+    from progvae.__main__ import main
+
+    out = tmp_path / "run"
+    args = ["stage1", "--config=digits", "--distortion_target=0.02", "--steps=6",
+            "--checkpoint_every=2", "--keep_checkpoints=2", "--log_every=1", "--n_grid=4",
+            "--quiet=True", f"--out={out}"]
+    main(args)
+    kept = sorted(path.name for path in (out / "checkpoints").iterdir())
+    assert kept == ["step_00000004.pt", "step_00000006.pt"]          # the newest 2
+    first_end = torch.load(out / "checkpoint.pt", weights_only=True)
+    first_log = metrics_without_time(out)
+    with pytest.raises(SystemExit) as refused:
+        main([*args, "--resume_from=2"])
+    assert refused.value.code == 2 and "the kept steps are 4, 6" in capsys.readouterr().err
+    main([*args, "--resume_from=4"])
+    assert "Going back to step 4" in capsys.readouterr().out
+    again = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert again["step"] == 6 and all(torch.equal(first_end["model"][name], value)
+                                      for name, value in again["model"].items())
+    assert metrics_without_time(out) == first_log              # steps 5, 6 logged once
+    aside, = [path for path in (out / "checkpoints").iterdir() if path.is_dir()]
+    assert {"step_00000006.pt", "checkpoint.pt", "summary.json", "metrics.jsonl"} <= {
+        path.name for path in aside.iterdir()}                 # nothing of the old branch lost
+    assert metrics_without_time(aside) == first_log

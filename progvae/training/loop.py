@@ -51,12 +51,13 @@ class Recipe:
     quiet: bool = False
 
 
-def train_run(kind: RunKind, config: Config, out: str | Path, recipe: Recipe
-              ) -> tuple[dict, Trainer]:
+def train_run(kind: RunKind, config: Config, out: str | Path, recipe: Recipe,
+              resume_from: int = 0) -> tuple[dict, Trainer]:
     """Train (or continue) a run of `kind` in `out`; returns its summary (also written to
     `out/summary.json`, with reconstructions.png and samples.png beside it) and the trainer,
-    whose `ema_model` is the trained network."""
-    prepared = prepare_run(config, out, kind.name, recipe.check_data)
+    whose `ema_model` is the trained network. `resume_from=STEP` continues from the kept
+    checkpoint of that step instead of the latest (progvae.training.history)."""
+    prepared = prepare_run(config, out, kind.name, recipe.check_data, resume_from)
     try:
         return _train(kind, prepared, recipe)
     finally:

@@ -27,7 +27,7 @@ from progvae.config import Config
 from progvae.data.loading import BatchSampler, ImageData, to_model_input
 from progvae.errors import TrainingInterrupted
 from progvae.models.distributions import NoiseShard
-from progvae.training import dist, performance
+from progvae.training import dist, history, performance
 from progvae.training.checkpoint import CHECKPOINT, atomic_save
 from progvae.training.objective import LossModule, Objective
 from progvae.training.rng_state import capture_rng_state, restore_rng_state
@@ -109,6 +109,8 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if dist.is_main():
             atomic_save(self.state_dict(), self.checkpoint_path())
+            if self.config.keep_checkpoints > 0:
+                history.keep(self.out_dir, self.step, self.config.keep_checkpoints)
         dist.barrier()
 
     def resume(self, state: dict | None) -> bool:
