@@ -242,17 +242,40 @@ def evaluate(run: str = "", data: str = "", metrics=None, split: str = "test",
     """
     import torch
 
-    from progvae.evaluation.metrics.evaluate import evaluate_run, format_table
+    from progvae.evaluation.metrics.evaluate import eval_path, evaluate_run, format_table
 
     if not run:
-        raise UserError("Pass --run=RUN, the directory of a trained run.")
+        raise UserError("Pass --run=RUN, the directory of a trained run (or an exported "
+                        "model).")
     if num_threads > 0:
         torch.set_num_threads(num_threads)
     result = evaluate_run(run, data, metrics, split, n_samples, iw_samples, batch_size,
                           inception_weights, lpips_weights, temperature, seed, dist_timeout)
     if _is_main():
         print(format_table(result))
-        print(f"Wrote {Path(run) / 'eval.json'} ({result['seconds']:.0f} s).")
+        print(f"Wrote {eval_path(run)} ({result['seconds']:.0f} s).")
+
+
+def export(run: str = "", out: str = "") -> None:
+    """Write a trained run as one safetensors file: its EMA weights, config, kind, step and
+    summary (a stage-two run's stage one included). Nothing in it can run code when loaded,
+    unlike a pickled checkpoint, so it is the file to share; sample, evaluate and
+    stage2 --stage1= accept it wherever they accept a run directory.
+
+    Example: python -m progvae export --run=runs/s2 --out=s2.safetensors
+    """
+    from progvae.atomic import writable_output
+    from progvae.runs import export_run
+
+    if not run:
+        raise UserError("Pass --run=RUN, the directory of a trained run to export.")
+    if not out:
+        raise UserError("Pass --out=MODEL.safetensors, the file to write.")
+    out = writable_output(out, "--out", ".safetensors")
+    written = export_run(run, out)
+    state = "finished" if written["finished"] else "not finished"
+    print(f"Wrote the {written['kind']} run '{run}' at step {written['step']} ({state})"
+          f"{' with its stage one' if written['with_stage1'] else ''} to {out}.")
 
 
 def vdvae(config: str = "tiny", out: str = "", quiet: bool = False, resume_from: int = 0,
@@ -366,13 +389,18 @@ def _check_number(flag: str, value, minimum: float, integer: bool = False) -> No
 
 
 def _stage2_config(stage1_run: str, preset: str, overrides: dict):
-    """Stage two's config: a preset if given, else the stage-one run's own config.json."""
-    from progvae.training.checkpoint import load_run_config
+    """Stage two's config: a preset if given, else the stage-one run's own (config.json, or the
+    config inside an exported model)."""
     from progvae.config import apply_overrides, load_config
+    from progvae.exported import is_exported, read_exported
+    from progvae.training.checkpoint import load_run_config
 
     if preset:
         return load_config(preset, overrides)
-    _, stage1_config = load_run_config(stage1_run)
+    if is_exported(stage1_run):
+        stage1_config = read_exported(stage1_run)[0].config
+    else:
+        _, stage1_config = load_run_config(stage1_run)
     return apply_overrides(stage1_config, overrides, "the command line")
 
 
@@ -421,7 +449,7 @@ def _is_main() -> bool:
 
 COMMANDS = {"demo": demo, "stage1": stage1, "stage2": stage2, "joint": joint, "vdvae": vdvae,
             "sample": sample, "sweep": sweep, "evaluate": evaluate, "progressive": progressive,
-            "report": report, "data": data, "bench": bench}
+            "report": report, "data": data, "bench": bench, "export": export}
 
 
 # Commands that take any config field as --field=value: their --help also lists the fields.

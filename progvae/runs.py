@@ -22,6 +22,7 @@ from progvae.training.history import HISTORY
 from progvae.config import ARCHITECTURE_FIELDS, Config
 from progvae.data.loading import ImageData, load_data_for
 from progvae.errors import UserError
+from progvae.exported import ExportedNetwork, is_exported, read_exported, write_exported
 from progvae.kinds import KINDS, get_kind
 from progvae.models.pipeline import Pipeline
 
@@ -149,17 +150,85 @@ def load_model(run: str | Path, device: torch.device | str = "cpu"
                ) -> tuple[Config, nn.Module, dict]:
     """A trained run's config and its network with the EMA weights, in eval mode, and the
     checkpoint's bookkeeping: {"stage" (the kind's name), "kind" (its RunKind), "step",
-    "finished"}."""
+    "finished"}. `run` is a run directory or a file written by `progvae export`."""
+    if is_exported(run):
+        network, _ = read_exported(run)
+        return _network(network.kind, network.config, network.weights, network.step,
+                        f"'{run}'", device)
     run_dir, config = load_run_config(run)
-    state = load_checkpoint(run_dir / "checkpoint.pt")
-    kind = get_kind(state.get("stage"), f"'{run_dir}'")
+    state = load_checkpoint(run_dir / CHECKPOINT)
+    return _network(state.get("stage"), config, state["ema"], state["step"], f"'{run_dir}'",
+                    device)
+
+
+def _network(kind_name, config: Config, weights: dict, step: int, source: str, device
+             ) -> tuple[Config, nn.Module, dict]:
+    kind = get_kind(kind_name, source)
     model = kind.build(config)
-    model.load_state_dict(state["ema"])
-    refuse_non_finite_weights(model, f"'{run_dir}'")
+    expected = model.state_dict()
+    wrong = sorted(set(expected) ^ set(weights)) or [
+        name for name, value in weights.items() if value.shape != expected[name].shape]
+    if wrong:
+        raise UserError(f"{source} holds weights that do not fit its config (e.g. {wrong[0]}); "
+                        "it was altered or written by another version, so export or train it "
+                        "again.")
+    model.load_state_dict(weights)
+    refuse_non_finite_weights(model, source)
     model.to(device).eval().requires_grad_(False)
-    info = {"stage": kind.name, "kind": kind, "step": state["step"],
-            "finished": state["step"] >= config.steps}
+    info = {"stage": kind.name, "kind": kind, "step": step, "finished": step >= config.steps}
     return config, model, info
+
+
+def run_summary(run: str | Path) -> dict:
+    """A run's summary.json (or an exported model's copy of it); {} if it has none."""
+    if is_exported(run):
+        return read_exported(run)[0].summary
+    path = Path(run) / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def export_run(run: str | Path, out: str | Path) -> dict:
+    """Write a run's EMA network (and for a stage-two run its stage one) with their configs to
+    the safetensors file `out`; returns what was written, for the message."""
+    config, model, info = load_model(run)
+    network = ExportedNetwork(info["stage"], config, info["step"], run_summary(run),
+                              model.state_dict())
+    stage1 = None
+    if info["kind"].needs_stage1_run:
+        stage1_config, stage1_model, stage1_info = _stage1_of(run, config, "cpu")
+        stage1 = ExportedNetwork(stage1_info["stage"], stage1_config, stage1_info["step"],
+                                 _stage1_summary(run, config), stage1_model.state_dict())
+    write_exported(out, network, stage1)
+    return {"kind": info["stage"], "step": info["step"], "finished": info["finished"],
+            "with_stage1": stage1 is not None}
+
+
+def _stage1_of(run, config: Config, device) -> tuple[Config, nn.Module, dict]:
+    """The stage one of a stage-two run: the one inside an exported file, else the stage-one
+    run its config records."""
+    if is_exported(run):
+        _, stage1 = read_exported(run)
+        if stage1 is not None:
+            return _network(stage1.kind, stage1.config, stage1.weights, stage1.step,
+                            f"stage one in '{run}'", device)
+    if not config.stage1:
+        raise UserError(f"The stage-two run '{run}' does not record its stage-one run; pass it.")
+    return _load_stage1(config.stage1, device)
+
+
+def _load_stage1(path, device) -> tuple[Config, nn.Module, dict]:
+    loaded = load_model(path, device)
+    if loaded[2]["kind"] is not KINDS["stage1"]:
+        raise UserError(f"'{path}' is a {loaded[2]['stage']} run, not a stage-one run.")
+    return loaded
+
+
+def _stage1_summary(run, config: Config) -> dict:
+    if is_exported(run):
+        _, stage1 = read_exported(run)
+        if stage1 is not None:
+            return stage1.summary
+    return run_summary(config.stage1)
 
 
 def refuse_non_finite_weights(model: nn.Module, source: str) -> None:
@@ -176,29 +245,22 @@ def refuse_non_finite_weights(model: nn.Module, source: str) -> None:
 def load_scored(run: str | Path, device: torch.device | str = "cpu"
                 ) -> tuple[Config, nn.Module, dict]:
     """Like `load_model`, but the model is the one the kind scores, samples and reconstructs
-    with: for a stage-two run the Pipeline of it and the stage-one run its config records."""
+    with: for a stage-two run the Pipeline of it and its stage one."""
     config, model, info = load_model(run, device)
     if info["kind"].needs_stage1_run:
-        model = _with_stage1(run, model, config.stage1, device)
+        model = Pipeline(_stage1_of(run, config, device)[1], model).to(device).eval()
     return config, model, info
 
 
 def load_pipeline(run: str | Path, stage1_run: str | Path | None = None,
                   device: torch.device | str = "cpu") -> Pipeline:
-    """A Pipeline from a joint run, or from a stage-two run and its stage-one run (the one its
-    config.json records unless `stage1_run` is given)."""
+    """A Pipeline from a joint run, or from a stage-two run and its stage one (the one it
+    records unless `stage1_run` is given)."""
     config, model, info = load_model(run, device)
     if not info["kind"].composite:
         raise UserError(f"'{run}' is a {info['stage']} run; a pipeline needs a stage2 or joint run.")
     if info["kind"].needs_stage1_run:
-        return _with_stage1(run, model, stage1_run or config.stage1, device)
+        stage1 = (_load_stage1(stage1_run, device) if stage1_run else
+                  _stage1_of(run, config, device))[1]
+        return Pipeline(stage1, model).to(device).eval()
     return model
-
-
-def _with_stage1(run, stage2: nn.Module, stage1_run, device) -> Pipeline:
-    if not stage1_run:
-        raise UserError(f"The stage-two run '{run}' does not record its stage-one run; pass it.")
-    _, stage1, stage1_info = load_model(stage1_run, device)
-    if stage1_info["kind"] is not KINDS["stage1"]:
-        raise UserError(f"'{stage1_run}' is a {stage1_info['stage']} run, not a stage-one run.")
-    return Pipeline(stage1, stage2).to(device).eval()

@@ -22,7 +22,8 @@ from progvae.training.controllers import constraint_warning
 from progvae.kinds import KINDS
 from progvae.training.loop import Recipe, train_run
 from progvae.models.pipeline import Pipeline, composite_terms
-from progvae.runs import load_model
+from progvae.exported import is_exported
+from progvae.runs import load_model, run_summary
 from progvae.training.dist import default_device
 from progvae.training.objective import FixedObjective
 from progvae.models.vdvae import VDVAE
@@ -64,9 +65,10 @@ def load_finished_stage1(run: str | Path, device: torch.device
 
 
 def stage1_provenance(run: str | Path, step: int) -> dict:
-    """Which stage one a stage-two run trains on: the SHA-256 and step of its checkpoint."""
+    """Which stage one a stage-two run trains on: the SHA-256 and step of its checkpoint (or
+    of the exported model file)."""
     digest = hashlib.sha256()
-    with open(Path(run) / CHECKPOINT, "rb") as stream:
+    with open(run if is_exported(run) else Path(run) / CHECKPOINT, "rb") as stream:
         for block in iter(lambda: stream.read(1 << 22), b""):
             digest.update(block)
     return {"stage1_sha256": digest.hexdigest(), "stage1_step": step}
@@ -87,10 +89,10 @@ def check_same_stage1(out: str | Path, provenance: dict) -> None:
 
 
 def warn_if_stage1_missed_its_target(run: str | Path) -> None:
-    summary_path = Path(run) / "summary.json"
-    if not summary_path.is_file() or not dist.is_main():
+    summary = run_summary(run)
+    if not summary or not dist.is_main():
         return
-    warning = constraint_warning(json.loads(summary_path.read_text()))
+    warning = constraint_warning(summary)
     if warning:
         print(f"{warning.replace('WARNING: the', 'WARNING: stage one (' + str(run) + '): its', 1)} "
               "Stage two will model what that stage one leaves out.", file=sys.stderr, flush=True)

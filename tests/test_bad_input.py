@@ -99,6 +99,20 @@ CASES = [
     ("sample: truncated checkpoint", ["sample", "--run={tmp}/truncated", "--out={tmp}/s.png"],
      "truncated"),
     ("sample: NaN weights", ["sample", "--run={tmp}/nan", "--out={tmp}/s.png"], "NaN"),
+    ("export: no --run", ["export", "--out={tmp}/m.safetensors"], "--run"),
+    ("export: --out not .safetensors", ["export", "--run={run}", "--out={tmp}/m.pt"],
+     ".safetensors"),
+    ("export: NaN weights", ["export", "--run={tmp}/nan", "--out={tmp}/m.safetensors"], "NaN"),
+    ("exported: not a safetensors file", ["sample", "--run={tmp}/garbage.safetensors",
+                                          "--out={tmp}/s.png"], "not a readable safetensors"),
+    ("exported: a header claiming 400 GB", ["sample", "--run={tmp}/huge.safetensors",
+                                            "--out={tmp}/s.png"], "not a readable safetensors"),
+    ("exported: another program's safetensors", ["evaluate", "--run={tmp}/foreign.safetensors"],
+     "not a progvae model"),
+    ("exported: weights that do not fit the config", ["sample", "--run={tmp}/misfit.safetensors",
+                                                      "--out={tmp}/s.png"], "do not fit"),
+    ("exported: missing file", ["stage2", "--stage1={tmp}/missing.safetensors",
+                                "--out={tmp}/s2", *QUICK], "does not exist"),
     ("evaluate: no --run", ["evaluate"], "--run"),
     ("evaluate: unknown metric", ["evaluate", "--run={run}", "--metrics=nosuch"], "nosuch"),
     ("evaluate: unknown split", ["evaluate", "--run={run}", "--split=val"], "--split"),
@@ -153,6 +167,28 @@ def make_scratch(tmp: Path, run: Path) -> None:
     state["ema"] = {name: torch.full_like(value, float("nan")) if value.is_floating_point()
                     else value for name, value in state["ema"].items()}
     torch.save(state, tmp / "nan" / "checkpoint.pt")
+    _exported_files(tmp, run)
+
+
+def _exported_files(tmp: Path, run: Path) -> None:
+    """Damaged and foreign safetensors files."""
+    from safetensors.torch import save_file
+
+    (tmp / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json")
+    header = json.dumps({"x": {"dtype": "F32", "shape": [100_000_000_000],
+                               "data_offsets": [0, 400_000_000_000]}}).encode()
+    (tmp / "huge.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    save_file({"x": torch.zeros(3)}, str(tmp / "foreign.safetensors"))
+    with contextlib.redirect_stdout(io.StringIO()):
+        main(["export", f"--run={run}", f"--out={tmp / 'misfit.safetensors'}"])
+    from safetensors import safe_open
+    with safe_open(str(tmp / "misfit.safetensors"), framework="pt") as stream:
+        metadata = stream.metadata()
+        tensors = {name: stream.get_tensor(name) for name in stream.keys()}
+    config = json.loads(metadata["config"])
+    config["width"] = 2 * config["width"]
+    save_file(tensors, str(tmp / "misfit.safetensors"),
+              metadata={**metadata, "config": json.dumps(config)})
 
 
 class _Payload:

@@ -1,10 +1,11 @@
 """Every command run end to end through the command line, on one tiny trained run of each kind
 (shared by the whole module), with its output checked against independent computations."""
 
+import contextlib
+import io
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from progvae.__main__ import main
 from progvae.data.loading import load_data, to_model_input
 from progvae.runs import load_model, load_scored
 
@@ -22,10 +24,21 @@ TINY = ["--config=digits", "--width=8", "--zdim=4", "--n_mixtures=3",
 
 
 def progvae(*args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "progvae", *args], capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    return result
+    """The command line in this process (tests/test_cli.py runs it as a separate one): fire
+    parses the same arguments, without a second interpreter's start-up each time."""
+    threads = torch.get_num_threads()   # --num_threads must not leak into the other tests
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code = 0
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            main(list(args))
+    except SystemExit as done:
+        code = done.code or 0
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, stderr.getvalue()
+    return subprocess.CompletedProcess(["progvae", *args], code, stdout.getvalue(),
+                                       stderr.getvalue())
 
 
 STAGE1_CHECKPOINT: list[bytes] = []   # the stage-one checkpoint before stage two trained
@@ -168,3 +181,32 @@ def test_stage_two_keeps_stage_one_frozen_and_scores_it_as_one_pipeline(runs):
     assert info["kind"].needs_stage1_run
     for name, value in stage1.state_dict().items():
         assert torch.equal(pipeline.stage1.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("kind", ["stage1", "stage2", "joint", "vdvae"])
+def test_an_exported_model_samples_and_evaluates_as_its_run_does(runs, kind, tmp_path):
+    exported = tmp_path / f"{kind}.safetensors"
+    progvae("export", f"--run={runs[kind]}", f"--out={exported}")
+    assert exported.read_bytes()[8:9] == b"{"          # a safetensors header: JSON, no pickle
+    progvae("evaluate", f"--run={exported}", "--metrics=elbo,mse", "--num_threads=1")
+    summary, evaluated = read(runs[kind] / "summary.json"), read(tmp_path / f"{kind}.eval.json")
+    for name in ["rate", "mse"] + (["elbo", "bpd"] if kind != "stage1" else []):
+        assert evaluated[name] == summary[name], name
+    for source, name in ((runs[kind], "run"), (exported, "file")):
+        progvae("sample", f"--run={source}", "--n=3", "--seed=4",
+                f"--out={tmp_path / name}.png", f"--npz={tmp_path / name}.npz")
+    assert np.array_equal(np.load(tmp_path / "run.npz")["samples"],
+                          np.load(tmp_path / "file.npz")["samples"])
+
+
+def test_stage_two_trains_on_an_exported_stage_one(runs, tmp_path):
+    exported = tmp_path / "stage1.safetensors"
+    progvae("export", f"--run={runs['stage1']}", f"--out={exported}")
+    progvae("stage2", f"--stage1={exported}", "--steps=1", "--quiet=True",
+            f"--out={tmp_path / 'stage2'}")
+    config = read(tmp_path / "stage2" / "config.json")
+    assert config["width"] == 8 and Path(config["stage1"]) == exported.resolve()
+    _, pipeline, _ = load_scored(tmp_path / "stage2")
+    _, stage1, _ = load_model(runs["stage1"])
+    assert all(torch.equal(pipeline.stage1.state_dict()[name], value)
+               for name, value in stage1.state_dict().items())

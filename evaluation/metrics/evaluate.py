@@ -32,6 +32,7 @@ from progvae.data.loading import load_data_for, to_model_input
 from progvae.errors import UserError
 from progvae.evaluation.metrics.elbo import importance_weighted_metrics
 from progvae.heldout import HELDOUT_SEED, RANK_SEED_STRIDE, heldout_metrics, seeded
+from progvae.exported import is_exported
 from progvae.kinds import RunKind, draw_samples
 from progvae.runs import load_scored
 from progvae.training.dist import default_device
@@ -152,7 +153,7 @@ def evaluate_run(run: str | Path, data_spec: str = "", metrics=None, split: str 
     result["seconds"] = round(time.perf_counter() - started, 2)
     if dist.is_main():
         result = flag_non_finite(result, f"{run}/eval.json")
-        write_eval(Path(run), result)
+        write_eval(eval_path(run), result)
     dist.barrier()
     return result
 
@@ -169,10 +170,15 @@ def mean_lpips(scorer, originals: torch.Tensor, reconstructed: torch.Tensor,
     return float(total) / (len(originals) if count is None else count)
 
 
-def write_eval(run_dir: Path, result: dict) -> None:
+def eval_path(run: str | Path) -> Path:
+    """Where `evaluate` writes: RUN/eval.json, or MODEL.eval.json beside an exported model."""
+    run = Path(str(run))
+    return run.with_suffix(".eval.json") if is_exported(run) else run / "eval.json"
+
+
+def write_eval(path: Path, result: dict) -> None:
     """Merge into eval.json when it describes the same checkpoint, data and split (so separate
     calls for different metrics add up); otherwise replace it."""
-    path = run_dir / "eval.json"
     merged = dict(result)
     if path.is_file():
         previous = json.loads(path.read_text())
