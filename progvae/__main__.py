@@ -222,7 +222,8 @@ def data(data: str = "", image_size: int = 0, out: str = "preview.png", n: int =
 def evaluate(run: str = "", data: str = "", metrics=None, split: str = "test",
              n_samples: int = 10_000, iw_samples: int = 0, batch_size: int | None = None,
              inception_weights: str = "", lpips_weights: str = "", temperature: float = 1.0,
-             seed: int = 0, num_threads: int = 0, dist_timeout: float = 1800.0) -> None:
+             seed: int = 0, num_threads: int = 0, dist_timeout: float = 1800.0,
+             fid_stats: str = "") -> None:
     """Score a trained run (stage1, stage2, joint or vdvae) and write RUN/eval.json.
 
     Example: python -m progvae evaluate --run=runs/s2 --metrics=elbo,mse,fid,lpips
@@ -234,7 +235,8 @@ def evaluate(run: str = "", data: str = "", metrics=None, split: str = "test",
     under --seed=0: the numbers of the run's summary.json for the same checkpoint.
     --iw_samples=K adds the K-sample importance-weighted bound. FID
     compares --n_samples samples at --temperature with the whole split (Inception-v3 through
-    torch-fidelity; reference statistics cached). fid_digits uses a small digit classifier's
+    torch-fidelity; reference statistics cached as .npz), or with --fid_stats=FILE.npz (arrays
+    mu and sigma of Inception's 2048 pool features, e.g. published statistics). fid_digits uses a small digit classifier's
     features instead and is not comparable with FID. LPIPS (AlexNet) compares held-out images
     with their reconstructions. --data defaults to the run's own data. Offline, pass the
     weights files named above; without them FID and LPIPS stop with a message. Under
@@ -250,7 +252,8 @@ def evaluate(run: str = "", data: str = "", metrics=None, split: str = "test",
     if num_threads > 0:
         torch.set_num_threads(num_threads)
     result = evaluate_run(run, data, metrics, split, n_samples, iw_samples, batch_size,
-                          inception_weights, lpips_weights, temperature, seed, dist_timeout)
+                          inception_weights, lpips_weights, temperature, seed, dist_timeout,
+                          fid_stats)
     if _is_main():
         print(format_table(result))
         print(f"Wrote {eval_path(run)} ({result['seconds']:.0f} s).")

@@ -120,6 +120,21 @@ CASES = [
     ("evaluate: missing Inception weights", ["evaluate", "--run={run}", "--metrics=fid",
                                              "--inception_weights={tmp}/missing.pth"],
      "missing.pth"),
+    ("evaluate: Inception weights with a planted payload",
+     ["evaluate", "--run={run}", "--metrics=fid",
+      "--inception_weights={tmp}/payload/checkpoint.pt"], "refuses to load"),
+    ("evaluate: LPIPS weights with a planted payload",
+     ["evaluate", "--run={run}", "--metrics=lpips",
+      "--lpips_weights={tmp}/payload/checkpoint.pt"], "refuses to load"),
+    ("evaluate: FID statistics with a planted payload",
+     ["evaluate", "--run={run}", "--metrics=fid", "--fid_stats={tmp}/payload_stats.npz"],
+     "not floating point"),
+    ("evaluate: --fid_stats without the fid metric",
+     ["evaluate", "--run={run}", "--metrics=mse", "--fid_stats={tmp}/payload_stats.npz"],
+     "add fid"),
+    ("evaluate: --fid_stats not an .npz", ["evaluate", "--run={run}", "--metrics=fid",
+                                           "--fid_stats={tmp}/list.json"],
+     "not usable FID statistics"),
     ("stage2: no --stage1", ["stage2", "--out={tmp}/s2", *QUICK], "--stage1"),
     ("stage2: missing stage one", ["stage2", "--stage1={tmp}/missing", "--out={tmp}/s2",
                                    *QUICK], "missing"),
@@ -168,6 +183,8 @@ def make_scratch(tmp: Path, run: Path) -> None:
                     else value for name, value in state["ema"].items()}
     torch.save(state, tmp / "nan" / "checkpoint.pt")
     _exported_files(tmp, run)
+    np.savez(tmp / "payload_stats.npz", mu=np.array([_Payload(tmp / "ran")], dtype=object),
+             sigma=np.eye(1))
 
 
 def _exported_files(tmp: Path, run: Path) -> None:

@@ -6,6 +6,7 @@ modules of the right architecture) and handed over as local files."""
 
 import json
 import math
+import os
 import subprocess
 import sys
 import urllib.error
@@ -158,6 +159,60 @@ def test_fid_digits_separates_digits_from_noise_and_is_zero_on_itself():
     real_fid = scorer(other_digits, reference)
     assert real_fid == pytest.approx(scorer(other_digits, reference), rel=1e-9)
     assert scorer(noise, reference) > 10 * real_fid
+
+
+class _Payload:
+    """A pickle that would create the file `marker` if it were ever unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _npz_claiming(path: Path, shape: tuple) -> None:
+    """An .npz whose arrays' headers claim `shape` (float64) but hold no data."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for name in ("mu", "sigma"):
+            header = io.BytesIO()
+            header.write(np.lib.format.magic(1, 0))
+            np.lib.format.write_array_header_1_0(
+                header, {"descr": "<f8", "fortran_order": False, "shape": shape})
+            archive.writestr(f"{name}.npy", header.getvalue())
+
+
+def test_fid_statistics_are_npz_files_read_without_pickle_with_bounded_headers(tmp_path):
+    from progvae.evaluation.metrics.fid import FidScorer, read_statistics
+
+    scorer = FidScorer("digits")
+    reference, samples = digit_images(200), digit_images(200, offset=600)
+    first = scorer(samples, reference)                     # computes and caches the reference
+    cached = sorted(scorer.statistics_dir.iterdir())
+    assert [path.suffix for path in cached] == [".npz"]
+    statistics = read_statistics(cached[0])
+    assert statistics["mu"].shape == (64,) and statistics["sigma"].shape == (64, 64)
+    assert scorer(samples, reference) == first             # read back from the .npz
+    given = scorer.score_features(scorer.features(samples), None, statistics)
+    assert given == pytest.approx(first, rel=1e-12)         # statistics handed over by path
+    marker = tmp_path / "payload-ran"
+    np.savez(tmp_path / "payload.npz", mu=np.array([_Payload(marker)], dtype=object),
+             sigma=np.eye(1))
+    with pytest.raises(UserError, match="not floating point"):
+        read_statistics(tmp_path / "payload.npz")
+    _npz_claiming(tmp_path / "huge.npz", (10 ** 12,))       # 8 TB if it were allocated
+    with pytest.raises(UserError, match="not usable FID statistics"):
+        read_statistics(tmp_path / "huge.npz")
+    (tmp_path / "torn.npz").write_bytes(cached[0].read_bytes()[:300])
+    with pytest.raises(UserError, match="not usable FID statistics"):
+        read_statistics(tmp_path / "torn.npz")
+    torch.save({"weights": _Payload(marker)}, tmp_path / "inception.pth")
+    with pytest.raises(UserError, match="refuses to load"):
+        FidScorer("inception", tmp_path / "inception.pth")
+    assert not marker.exists(), "a planted payload ran"
 
 
 # --------------------------------------------------------------------------------- LPIPS

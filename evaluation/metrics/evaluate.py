@@ -79,7 +79,7 @@ def evaluate_run(run: str | Path, data_spec: str = "", metrics=None, split: str 
                  n_samples: int = 10_000, iw_samples: int = 0, batch_size: int | None = None,
                  inception_weights: str = "", lpips_weights: str = "",
                  temperature: float = 1.0, seed: int = HELDOUT_SEED,
-                 dist_timeout: float = 1800.0) -> dict:
+                 dist_timeout: float = 1800.0, fid_stats: str = "") -> dict:
     """Compute the metrics, merge them into RUN/eval.json and return them. ELBO and MSE come
     from the one held-out evaluator with the run's eval_batch_size and seed 0 unless given, so
     they equal the run's summary.json on the same checkpoint. Under torchrun
@@ -98,8 +98,14 @@ def evaluate_run(run: str | Path, data_spec: str = "", metrics=None, split: str 
     batch_size = batch_size or config.eval_batch_size
     data_spec = data_spec or config.data
     names = parse_metrics(metrics, data_spec)
-    # Every scorer is built (and its weights found) before any long computation.
-    fid_scorers = {}
+    # Every scorer is built (and its weights and statistics read) before any long computation.
+    fid_scorers, given_statistics = {}, {}
+    if fid_stats:
+        if "fid" not in names:
+            raise UserError("--fid_stats are reference statistics for the fid metric; add fid "
+                            "to --metrics.")
+        from progvae.evaluation.metrics.fid import read_statistics
+        given_statistics["fid"] = read_statistics(fid_stats)
     if "fid" in names:
         from progvae.evaluation.metrics.fid import FidScorer
         fid_scorers["fid"] = FidScorer("inception", inception_weights or None)
@@ -138,7 +144,8 @@ def evaluate_run(run: str | Path, data_spec: str = "", metrics=None, split: str 
                                    batch_size)
         for metric, scorer in fid_scorers.items():
             features = dist.gather_rows(scorer.features(samples))
-            result[metric] = scorer.score_features(features, images)
+            result[metric] = scorer.score_features(features, images,
+                                                   given_statistics.get(metric))
         result.update({"fid_n_samples": n_samples, "fid_temperature": temperature})
     if lpips_scorer is not None:
         local = images[dist.shard(len(images))]

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from progvae.errors import UserError
-from progvae.evaluation.metrics.weights import alexnet_weights
+from progvae.evaluation.metrics.weights import alexnet_weights, load_state_dict_file
 
 MIN_SIDE = 64
 
@@ -37,8 +37,9 @@ class LpipsScorer:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")   # lpips calls torchvision's deprecated `pretrained`
             model = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)
+        state = load_state_dict_file(path, "--lpips_weights",
+                                     "torchvision's AlexNet state dict alexnet-owt-7be5be79.pth")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
             # lpips splits AlexNet's `features` into five slices that keep the layer indices,
             # so torchvision's "features.{i}.weight" is layer i of some slice.
             for index in range(1, model.net.N_slices + 1):

@@ -9,6 +9,7 @@ without one it stops with a sentence naming the file and the flag rather than a 
 from __future__ import annotations
 
 import hashlib
+import pickle
 from pathlib import Path
 
 import torch
@@ -68,3 +69,23 @@ def file_fingerprint(path: str | Path) -> str:
         for chunk in iter(lambda: stream.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()[:12]
+
+
+def load_state_dict_file(path: str | Path, flag: str, what: str) -> dict[str, torch.Tensor]:
+    """A weights file given by path, as a plain state dict (names to tensors), loaded without
+    unpickling anything but tensors and containers: a planted payload is refused, never run."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        refused = str(error).split("Unsupported global: GLOBAL ")[-1].split(" ")[0]
+        raise UserError(f"{flag}='{path}' holds objects progvae refuses to load (for example "
+                        f"{refused[:80]}); progvae never unpickles code, so pass {what}."
+                        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+        raise UserError(f"{flag}='{path}' is not a readable weights file ({first_line}); pass "
+                        f"{what}.") from None
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor)
+                                              for value in state.values()):
+        raise UserError(f"{flag}='{path}' is not a state dict (names to tensors); pass {what}.")
+    return state
