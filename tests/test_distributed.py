@@ -119,6 +119,21 @@ def test_a_killed_worker_is_restarted_and_the_run_finishes(tmp_path):
     assert steps_logged == list(range(2, 21, 2))
 
 
+def test_a_rank_that_raises_ends_every_rank_with_its_message(tmp_path):
+    """Rank 1 raises after update 3 (one past the checkpoint at 2): rank 0, waiting for it in
+    the next collective, ends too (a hang would end in TimeoutExpired, failing the test), the
+    error names what happened, and the checkpoint at step 2 is intact."""
+    out = tmp_path / "raised"
+    result = subprocess.run(
+        torchrun("stage1", *COMMON, *SMALL_MODEL, "--steps=10", "--checkpoint_every=2",
+                 f"--out={out}"),
+        capture_output=True, text=True, timeout=90,
+        env={**os.environ, "PROGVAE_TEST_KILL_AT": "3:1", "PROGVAE_TEST_SIGNAL": "RAISE"})
+    assert result.returncode != 0
+    assert "injected failure after step 3 on rank 1" in result.stdout + result.stderr
+    assert checkpoint(out)["step"] == 2
+
+
 def test_a_missing_peer_ends_the_run_at_its_timeout_instead_of_hanging(tmp_path):
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}   # the store binds a free port

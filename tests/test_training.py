@@ -312,3 +312,33 @@ def test_kept_checkpoints_let_a_run_go_back_and_continue_exactly(tmp_path, capsy
     assert {"step_00000006.pt", "checkpoint.pt", "summary.json", "metrics.jsonl"} <= {
         path.name for path in aside.iterdir()}                 # nothing of the old branch lost
     assert metrics_without_time(aside) == first_log
+
+
+def test_a_checkpoint_write_that_fails_keeps_the_previous_one_and_the_run_resumes(tmp_path):
+    """A full disk, met as a file-size limit (RLIMIT_FSIZE) smaller than the checkpoint: the
+    write fails with one sentence, the step-2 checkpoint survives byte for byte, no temporary
+    file is left, and the same command without the limit continues from step 2."""
+    import resource
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "progvae", "stage1", "--config=digits", "--width=8",
+            "--distortion_target=0.02", "--checkpoint_every=2", "--log_every=1", "--n_grid=4",
+            "--quiet=True", f"--out={out}"]
+    first = subprocess.run([*args, "--steps=2"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    before = (out / "checkpoint.pt").read_bytes()
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)     # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, len(before) // 2))
+
+    full = subprocess.run([*args, "--steps=4"], capture_output=True, text=True, timeout=300,
+                          preexec_fn=small_disk)
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr
+    assert "Could not write" in full.stderr and "previous checkpoint is intact" in full.stderr
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert not list(out.glob("*.tmp"))
+    again = subprocess.run([*args, "--steps=4"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "Resuming stage1 from step 2 of 4" in again.stdout
+    assert [line["step"] for line in metrics_without_time(out)] == [1, 2, 3, 4]

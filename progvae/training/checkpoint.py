@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,23 @@ CHECKPOINT = "checkpoint.pt"
 
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save through `progvae.atomic.atomic_path`: a kill at any moment leaves either the
-    old file or the new one, never half of one."""
-    with atomic_path(path) as temporary:
-        torch.save(obj, temporary)
+    old file or the new one, never half of one. A write that fails (a full disk, a quota or
+    file-size limit) leaves the old one too, and is one sentence saying so."""
+    path = Path(path)
+    try:
+        with atomic_path(path) as temporary:
+            torch.save(obj, temporary)
+    except (OSError, RuntimeError) as error:   # torch's writer reports a failed write as a
+        # RuntimeError without the cause; say what there is, and how much room is left
+        cause = error.strerror if isinstance(error, OSError) and error.strerror else \
+            "the write failed"
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2 ** 30:.1f} GiB free there"
+        except OSError:
+            free = "free space unknown"
+        raise UserError(f"Could not write '{path}' ({cause}; {free}): the previous checkpoint is "
+                        "intact, so free space (or raise the file-size limit) and run the same "
+                        "command again to continue from it.") from None
 
 
 def _numpy_array_globals() -> list:

@@ -53,13 +53,15 @@ class StopRequests:
 def injected_fault(step: int) -> None:
     """Deterministic fault injection for the tests: with PROGVAE_TEST_KILL_AT=STEP (or
     STEP:RANK) the process (of that rank) sends itself SIGKILL (or the signal named by
-    PROGVAE_TEST_SIGNAL, e.g. TERM) right after finishing update STEP, on the first attempt of
-    a torchrun job only, so a restarted job runs through."""
+    PROGVAE_TEST_SIGNAL, e.g. TERM; RAISE: it raises an error instead) right after finishing
+    update STEP, on the first attempt of a torchrun job only, so a restarted job runs through."""
     spec = os.environ.get(FAULT_VARIABLE)
     if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return
     at_step, _, at_rank = spec.partition(":")
     if step == int(at_step) and (not at_rank or int(at_rank) == dist.rank()):
         sys.stdout.flush()
+        if os.environ.get(FAULT_SIGNAL_VARIABLE) == "RAISE":
+            raise RuntimeError(f"injected failure after step {step} on rank {dist.rank()}")
         number = getattr(signal, "SIG" + os.environ.get(FAULT_SIGNAL_VARIABLE, "KILL"))
         os.kill(os.getpid(), number)
