@@ -191,9 +191,9 @@ def test_fid_statistics_are_npz_files_read_without_pickle_with_bounded_headers(t
     scorer = FidScorer("digits")
     reference, samples = digit_images(200), digit_images(200, offset=600)
     first = scorer(samples, reference)                     # computes and caches the reference
-    cached = sorted(scorer.statistics_dir.iterdir())
-    assert [path.suffix for path in cached] == [".npz"]
-    statistics = read_statistics(cached[0])
+    cached = scorer.statistics_dir / f"{scorer.reference_key(reference)}.npz"
+    assert {path.suffix for path in scorer.statistics_dir.iterdir()} == {".npz"}   # no pickle
+    statistics = read_statistics(cached)
     assert statistics["mu"].shape == (64,) and statistics["sigma"].shape == (64, 64)
     assert scorer(samples, reference) == first             # read back from the .npz
     given = scorer.score_features(scorer.features(samples), None, statistics)
@@ -206,7 +206,7 @@ def test_fid_statistics_are_npz_files_read_without_pickle_with_bounded_headers(t
     _npz_claiming(tmp_path / "huge.npz", (10 ** 12,))       # 8 TB if it were allocated
     with pytest.raises(UserError, match="not usable FID statistics"):
         read_statistics(tmp_path / "huge.npz")
-    (tmp_path / "torn.npz").write_bytes(cached[0].read_bytes()[:300])
+    (tmp_path / "torn.npz").write_bytes(cached.read_bytes()[:300])
     with pytest.raises(UserError, match="not usable FID statistics"):
         read_statistics(tmp_path / "torn.npz")
     torch.save({"weights": _Payload(marker)}, tmp_path / "inception.pth")
