@@ -292,11 +292,10 @@ def vdvae(config: str = "tiny", out: str = "", quiet: bool = False, resume_from:
     from progvae.config import load_config
     from progvae.stages.vdvae import train_vdvae
 
-    summary = _printable(train_vdvae(load_config(config, overrides), out, quiet=quiet,
-                                     resume_from=_resume_step(resume_from)))
-    if _is_main():
-        print(f"\nvdvae, held-out split after {summary['steps']} steps ({summary['skipped']} "
-              f"skipped):\n  ELBO {summary['elbo']:.4f} nats/dim = {summary['bpd']:.4f} bits/dim "
+    summary = _printed_summary("", train_vdvae(load_config(config, overrides), out, quiet=quiet,
+                                               resume_from=_resume_step(resume_from)))
+    if summary is not None:
+        print(f"  ELBO {summary['elbo']:.4f} nats/dim = {summary['bpd']:.4f} bits/dim "
               f"(rate {summary['rate']:.4f}, nll {summary['nll']:.4f})\n  MSE of the DMoL mean "
               f"{summary['mse']:.5f} (PSNR {summary['psnr']:.2f} dB)\n  "
               f"{summary['steps_per_second']:.1f} steps/s; wrote {out}/summary.json, "
@@ -412,12 +411,20 @@ def _printable(summary: dict) -> dict:
     return {key: float("nan") if value is None else value for key, value in summary.items()}
 
 
-def _print_composite_summary(summary: dict, out: str) -> None:
-    summary = _printable(summary)
+def _printed_summary(title: str, summary: dict) -> dict | None:
+    """The summary to print (None on ranks other than 0), after its heading line."""
     if not _is_main():
+        return None
+    summary = _printable(summary)
+    print(f"\n{title or summary['stage']}, held-out split (EMA weights) after "
+          f"{summary['steps']} steps ({summary['skipped']} skipped):")
+    return summary
+
+
+def _print_composite_summary(summary: dict, out: str) -> None:
+    summary = _printed_summary("", summary)
+    if summary is None:
         return
-    print(f"\n{summary['stage']}, held-out split after {summary['steps']} steps "
-          f"({summary['skipped']} skipped):")
     print(f"  ELBO {summary['elbo']:.4f} nats/dim = {summary['bpd']:.4f} bits/dim "
           f"(stage-one rate {summary['stage1_rate']:.4f}, stage-two rate {summary['rate']:.4f}, "
           f"nll {summary['nll']:.4f})")
@@ -428,11 +435,9 @@ def _print_composite_summary(summary: dict, out: str) -> None:
 
 
 def _print_stage1_summary(summary: dict, out: str) -> None:
-    summary = _printable(summary)
-    if not _is_main():
+    summary = _printed_summary("Stage one", summary)
+    if summary is None:
         return
-    print(f"\nStage one, held-out split after {summary['steps']} steps "
-          f"({summary['skipped']} skipped):")
     notes = {"distortion": "", "rate": ""}
     if summary.get("constrained") in notes:   # absent from summaries of older runs
         notes[summary["constrained"]] = (f"  (target {summary['target']}, "
