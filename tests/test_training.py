@@ -266,17 +266,60 @@ def test_the_ema_moves_toward_the_weights_by_one_minus_its_rate_each_applied_upd
     assert changed > 0
 
 
-def test_a_failing_compiled_step_falls_back_to_eager_with_a_warning(tmp_path, capsys):
+class _FailsInBackward(torch.autograd.Function):
+    """Identity forward; its backward raises what a compiler that compiles backward lazily
+    would raise there."""
+
+    @staticmethod
+    def forward(ctx, value):
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise torch._dynamo.exc.InternalTorchDynamoError("the backward compiler failed here")
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_a_compiler_error_at_the_first_step_falls_back_to_eager_with_a_warning(tmp_path,
+                                                                                capsys, where):
     trainer, _ = _tiny_trainer(tmp_path)
 
-    def broken(*args):
-        raise RuntimeError("the compiler failed here")
+    def compiled(images, noise):
+        if where == "forward":
+            raise torch._dynamo.exc.InternalTorchDynamoError("the compiler failed here")
+        metrics = trainer.loss_module(images, noise)
+        return {**metrics, "loss": _FailsInBackward.apply(metrics["loss"])}
 
-    trainer.step_module = broken
+    trainer.step_module, trainer.compiling = compiled, True
     values = trainer.train_step()
     assert trainer.step_module is trainer.loss_module          # eager from now on
     assert trainer.step == 1 and values["loss"] == values["loss"]
-    assert "the compiler failed here" in capsys.readouterr().err
+    assert "compiler failed here" in capsys.readouterr().err
+
+
+def test_only_compiler_errors_of_the_first_step_fall_back(tmp_path):
+    """Out of memory at the first step is not the compiler's; a compiler error at a later step
+    (a recompile) is not hidden by an eager retry: both end the step with their own error."""
+    trainer, _ = _tiny_trainer(tmp_path)
+
+    def out_of_memory(images, noise):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    trainer.step_module, trainer.compiling = out_of_memory, True
+    with pytest.raises(torch.OutOfMemoryError):
+        trainer.train_step()
+    calls = []
+
+    def recompiles(images, noise):
+        calls.append(1)
+        if len(calls) > 1:
+            raise torch._dynamo.exc.InternalTorchDynamoError("a later recompile failed")
+        return trainer.loss_module(images, noise)
+
+    trainer.step_module, trainer.compiling = recompiles, True
+    trainer.train_step()
+    with pytest.raises(torch._dynamo.exc.InternalTorchDynamoError):
+        trainer.train_step()
 
 
 def test_gradients_are_clipped_to_grad_clip_and_the_log_keeps_the_norm_before(tmp_path):

@@ -70,6 +70,18 @@ def compiled_or_eager(module: nn.Module, enabled: bool) -> nn.Module:
         return module
 
 
+def compiler_errors() -> tuple[type[BaseException], ...]:
+    """The errors torch.compile's own machinery raises (Dynamo, Inductor, the C++ and CUDA
+    compilers it calls): only these mean "run eagerly instead". Out-of-memory, NCCL and the
+    model's own errors are not among them."""
+    import torch._dynamo.exc as dynamo
+    import torch._inductor.exc as inductor
+
+    names = ("CppCompileError", "CUDACompileError", "XPUCompileError")
+    return (dynamo.TorchDynamoException,
+            *(getattr(inductor, name) for name in names if hasattr(inductor, name)))
+
+
 def warn_compile_failed(error: BaseException) -> None:
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
     warnings.warn(f"torch.compile failed ({first_line[:200]}); continuing without compilation.",

@@ -64,6 +64,8 @@ class Trainer:
         # What a training step calls: the loss module, compiled where that is switched on.
         self.step_module = performance.compiled_or_eager(
             self.loss_module, performance.use_compile(config, self.device))
+        # The first call of a compiled step compiles it: the one call guarded by the fallback.
+        self.compiling = self.step_module is not self.loss_module
         self.parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(
             self.parameters, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
@@ -156,9 +158,7 @@ class Trainer:
             sync = contextlib.nullcontext() if last or not dist.is_distributed() \
                 else self.loss_module.no_sync()
             with sync:
-                with performance.autocast(self.device, self.autocast_dtype):
-                    metrics = self.forward_loss(images)
-                (metrics["loss"] / config.accumulate).backward()
+                metrics = self.forward_backward(images)
             for name, value in metrics.items():
                 totals[name] = totals.get(name, 0.0) + value.detach().float() / config.accumulate
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, config.grad_clip)
@@ -186,18 +186,29 @@ class Trainer:
             images = images.contiguous(memory_format=torch.channels_last)
         return images
 
-    def forward_loss(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The loss computation, compiled if switched on; a compilation that fails at its first
-        call falls back to eager mode with a warning instead of ending the run. Under torchrun
-        every rank draws its slice of the global batch's noise (`NoiseShard`)."""
-        if self.step_module is self.loss_module:
-            return self.loss_module(images, self.noise)
+    def forward_backward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Forward and backward of one micro-batch through the step module (compiled if switched
+        on). The first call of a compiled step, where the compiler works, is the one guarded:
+        a compiler error in its forward or backward (and nothing else: out of memory or an NCCL
+        error is not the compiler's) falls back to eager mode with a warning and runs the
+        micro-batch again. Under torchrun every rank draws its slice of the global batch's
+        noise (`NoiseShard`)."""
+        if not self.compiling:
+            return self._forward_backward(self.step_module, images)
+        self.compiling = False
         try:
-            return self.step_module(images, self.noise)
-        except Exception as error:  # noqa: BLE001 - any compiler failure: run eagerly
+            return self._forward_backward(self.step_module, images)
+        except performance.compiler_errors() as error:
             performance.warn_compile_failed(error)
             self.step_module = self.loss_module
-            return self.loss_module(images, self.noise)
+            self.optimizer.zero_grad(set_to_none=True)   # the first micro-batch: none kept
+            return self._forward_backward(self.loss_module, images)
+
+    def _forward_backward(self, module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        with performance.autocast(self.device, self.autocast_dtype):
+            metrics = module(images, self.noise)
+        (metrics["loss"] / self.config.accumulate).backward()
+        return metrics
 
     # ---------------------------------------------------------------------------------------
     # the loop
