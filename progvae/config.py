@@ -144,7 +144,8 @@ class Config:
                                  "fails", above=0)
 
     # --- speed (progvae/training/performance.py); "auto" = on for CUDA, off for CPU -------------------
-    precision: str = option("auto", "autocast precision (KL and likelihood stay fp32)",
+    precision: str = option("auto", "autocast precision (KL and likelihood stay fp32); auto: "
+                            "bf16 on GPUs of compute capability >= 8.0, else fp32",
                             choices=("auto", "fp32", "bf16"))
     channels_last: str = option("auto", "NHWC memory format for convolutions",
                                 choices=("auto", "true", "false"))

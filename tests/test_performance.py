@@ -122,3 +122,31 @@ def test_unknown_precision_is_a_clear_error():
     config = dataclasses.replace(load_config("digits"), precision="fp8")
     with pytest.raises(UserError, match="precision"):
         autocast_dtype(config, torch.device("cpu"))
+
+
+def test_auto_precision_is_bf16_only_where_gpus_run_it_natively():
+    from progvae.training.performance import auto_dtype
+
+    assert auto_dtype((8, 0)) is torch.bfloat16 and auto_dtype((9, 0)) is torch.bfloat16
+    assert auto_dtype((7, 5)) is None and auto_dtype((7, 0)) is None   # T4, V100: fp32
+
+
+def test_channels_last_also_puts_a_frozen_stage_one_in_that_layout(tmp_path):
+    from progvae.config import load_config
+    from progvae.data.loading import load_data_for
+    from progvae.kinds import KINDS
+    from progvae.stages.stage2 import CompositeObjective
+    from progvae.training.trainer import Trainer
+
+    config = load_config("digits", {"width": 8, "zdim": 4, "enc_blocks": "16d2,8d2,4d4,1x1",
+                                    "dec_blocks": "1x1,4m1,8m4,16m8", "image_channels": 1,
+                                    "channels_last": "true"})
+    stage1 = KINDS["stage1"].build(config).eval().requires_grad_(False)
+    trainer = Trainer(KINDS["stage2"].build(config), CompositeObjective(stage1), config,
+                      load_data_for(config), tmp_path, "stage2", quiet=True)
+    convolutions = [module.weight for module in stage1.modules()
+                    if isinstance(module, torch.nn.Conv2d) and module.kernel_size != (1, 1)]
+    assert convolutions and all(weight.is_contiguous(memory_format=torch.channels_last)
+                                for weight in convolutions)
+    values = trainer.train_step()
+    assert values["loss"] == values["loss"]                  # a finite step in that layout

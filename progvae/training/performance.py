@@ -25,9 +25,18 @@ def autocast_dtype(config: Config, device: torch.device) -> torch.dtype | None:
     if config.precision not in PRECISIONS:
         raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got "
                         f"'{config.precision}'.")
-    if config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda"):
+    if config.precision == "bf16":
         return torch.bfloat16
+    if config.precision == "auto" and device.type == "cuda":
+        return auto_dtype(torch.cuda.get_device_capability(device))
     return None
+
+
+def auto_dtype(capability: tuple[int, int]) -> torch.dtype | None:
+    """precision=auto on a GPU of this compute capability: bf16 where the tensor cores run it
+    natively (8.0, Ampere, and later); fp32 before (T4, V100), where bf16 is emulated and
+    slower than fp32."""
+    return torch.bfloat16 if tuple(capability) >= (8, 0) else None
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -54,12 +54,16 @@ class Trainer:
         self.model = model.to(self.device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
+            for held in vars(objective).values():   # a frozen stage one takes the same layout
+                if isinstance(held, nn.Module):
+                    held.to(memory_format=torch.channels_last)
         self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.loss_module: nn.Module = LossModule(self.model, objective)
         if dist.is_distributed():
-            # Broadcasts rank 0's parameters, then averages gradients during backward.
+            # Broadcasts rank 0's parameters, then averages gradients during backward; the
+            # gradients are views into its buckets, so there is no second copy of them.
             self.loss_module = DistributedDataParallel(
-                self.loss_module,
+                self.loss_module, gradient_as_bucket_view=True,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None)
         # What a training step calls: the loss module, compiled where that is switched on.
         self.step_module = performance.compiled_or_eager(
