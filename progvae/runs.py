@@ -71,11 +71,7 @@ def prepare_run(config: Config, out: str | Path, stage: str,
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out='{out}' is a file; pass a directory.")
     _check_continuation(out_dir, config, stage)
-    checkpoint = out_dir / CHECKPOINT
-    if resume_from:
-        resume_state = history.load_kept(out_dir, resume_from)
-    else:
-        resume_state = load_checkpoint(checkpoint) if checkpoint.is_file() else None
+    resume_state = _agreed_resume_state(out_dir, resume_from)
     lock = None
     if dist.is_main():
         try:
@@ -94,6 +90,34 @@ def prepare_run(config: Config, out: str | Path, stage: str,
     # The same seed on every rank: identical initial weights and one shared noise stream.
     torch.manual_seed(config.seed)
     return PreparedRun(config, data, out_dir, resume_state, lock)
+
+
+def _agreed_resume_state(out_dir: Path, resume_from: int) -> dict | None:
+    """The checkpoint state to continue from (None: start afresh), the same on every rank:
+    rank 0 decides from what it sees, and a rank that cannot see that checkpoint (several nodes
+    without a shared --out) is sent it by rank 0 instead of starting at step 0 on its own."""
+    def load() -> dict | None:
+        if resume_from:
+            return history.load_kept(out_dir, resume_from)
+        path = out_dir / CHECKPOINT
+        return load_checkpoint(path) if path.is_file() else None
+
+    if not dist.is_distributed():
+        return load()
+    state = load() if dist.is_main() else None
+    step = dist.broadcast_int(-1 if state is None else int(state["step"]))
+    if step < 0:
+        return None
+    if not dist.is_main():
+        try:
+            state = load()
+        except UserError:
+            state = None
+        if state is not None and state.get("step") != step:
+            state = None
+    if not dist.all_ranks_agree(state is not None):
+        state = dist.broadcast_object(state)
+    return state
 
 
 def lock_run_directory(out_dir: Path) -> IO:

@@ -190,3 +190,65 @@ def test_evaluate_under_torchrun_counts_every_image_once(tmp_path):
     assert two["rate"] == pytest.approx(one["rate"], rel=0.05)
     assert two["mse"] == pytest.approx(one["mse"], rel=0.05)
     assert 0 < two["fid_digits"] < 10 * one["fid_digits"]
+
+
+def test_each_rank_resumes_its_own_generators_from_the_checkpoint(tmp_path):
+    """The ranks' generators differ; rank 0 alone writes the checkpoint, every rank reads it
+    back: each must continue its own stream, not rank 0's."""
+    script = tmp_path / "generators.py"
+    script.write_text(
+        "import sys, torch\n"
+        "from progvae.training import dist\n"
+        "from progvae.training.rng_state import capture_rng_state, restore_rng_state\n"
+        "dist.setup(60)\n"
+        "torch.manual_seed(100 + dist.rank())\n"
+        "state = capture_rng_state()\n"
+        "expected = torch.rand(4)\n"
+        "if dist.is_main():\n"
+        "    torch.save(state, sys.argv[1])\n"
+        "dist.barrier()\n"
+        "torch.manual_seed(7)\n"
+        "restore_rng_state(torch.load(sys.argv[1], weights_only=True))\n"
+        "assert torch.equal(torch.rand(4), expected), f'rank {dist.rank()} drew another stream'\n"
+        "dist.cleanup()\n")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", str(script), str(tmp_path / "rng.pt")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(torch.load(tmp_path / "rng.pt", weights_only=True)["per_rank"]) == 2
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_rank_zero_decides_the_resume_when_other_ranks_cannot_see_the_run(tmp_path):
+    """Two nodes without a shared --out, played by two processes with different --out: rank 0's
+    holds a checkpoint at step 4, rank 1's is empty. Every rank resumes from step 4 (rank 1
+    is sent the checkpoint) and the run ends where an uninterrupted one does."""
+    args = ["stage1", *COMMON, *SMALL_MODEL, "--batch_size=8", "--checkpoint_every=0"]
+    straight, shared = tmp_path / "straight", tmp_path / "node0"
+    for out, steps in ((straight, 6), (shared, 4)):
+        result = subprocess.run(torchrun(*args, f"--steps={steps}", f"--out={out}"),
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+    port = _free_port()
+    processes = []
+    for rank, out in ((0, shared), (1, tmp_path / "node1")):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "progvae", *args, "--steps=6", "--dist_timeout=30",
+             f"--out={out}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [process.communicate(timeout=200) for process in processes]
+    for process, (stdout, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr[-2000:]
+    assert "Resuming stage1 from step 4 of 6" in outputs[0][0]
+    resumed, uninterrupted = checkpoint(shared), checkpoint(straight)
+    assert resumed["step"] == 6
+    for name, value in uninterrupted["model"].items():
+        assert torch.equal(resumed["model"][name], value), name

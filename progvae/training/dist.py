@@ -105,6 +105,34 @@ def max_across_ranks(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def broadcast_int(value: int) -> int:
+    """Rank 0's `value` on every rank (`value` itself in one process)."""
+    if not is_distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=collective_device())
+    torch_dist.broadcast(tensor, src=0)
+    return int(tensor.item())
+
+
+def all_ranks_agree(flag: bool) -> bool:
+    """Whether `flag` is true on every rank."""
+    if not is_distributed():
+        return flag
+    tensor = torch.tensor([int(flag)], device=collective_device())
+    torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MIN)
+    return bool(tensor.item())
+
+
+def broadcast_object(value):
+    """Rank 0's `value` (any picklable object, e.g. a checkpoint's state) on every rank. The
+    pickle travels between this job's own processes only, never from a file."""
+    if not is_distributed():
+        return value
+    holder = [value if is_main() else None]
+    torch_dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def default_device() -> torch.device:
     """The device this process computes on: its local GPU under torchrun, the current GPU in
     one process, else the CPU."""

@@ -113,8 +113,9 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
+        state = self.state_dict()   # on every rank: it gathers each rank's generators
         if dist.is_main():
-            atomic_save(self.state_dict(), self.checkpoint_path())
+            atomic_save(state, self.checkpoint_path())
             if self.config.keep_checkpoints > 0:
                 history.keep(self.out_dir, self.step, self.config.keep_checkpoints)
         dist.barrier()
