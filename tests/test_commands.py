@@ -210,3 +210,30 @@ def test_stage_two_trains_on_an_exported_stage_one(runs, tmp_path):
     _, stage1, _ = load_model(runs["stage1"])
     assert all(torch.equal(pipeline.stage1.state_dict()[name], value)
                for name, value in stage1.state_dict().items())
+
+
+def test_progressive_joins_the_process_group_before_it_chooses_a_device(runs, tmp_path,
+                                                                         monkeypatch):
+    """Under torchrun (here a group of one), a device chosen before joining the group would be
+    GPU 0 on every rank: every device choice must come after the group exists."""
+    import socket
+
+    from progvae.evaluation.experiments import progressive
+    from progvae.training import dist
+
+    chosen_in_group = []
+    choose = progressive.default_device
+    monkeypatch.setattr(progressive, "default_device",
+                        lambda: chosen_in_group.append(dist.is_distributed()) or choose())
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    try:
+        progressive.run_progressive(runs["vdvae"], tmp_path / "p", steps=1, max_resolution=4,
+                                    quiet=True)
+    finally:
+        dist.cleanup()
+    assert chosen_in_group and all(chosen_in_group)

@@ -30,7 +30,7 @@ import torch
 
 from progvae.training import dist
 from progvae.atomic import atomic_write_json
-from progvae.config import apply_overrides
+from progvae.config import Config, apply_overrides
 from progvae.training.controllers import build_controller
 from progvae.data.loading import ImageData, load_data_for, to_model_input, to_uint8_images
 from progvae.models.distributions import NoiseShard
@@ -106,6 +106,11 @@ def run_progressive(vdvae_run: str | Path, out: str | Path, data_spec: str = "",
     """The whole experiment; re-running the same command continues its two training runs."""
     if not out:
         raise UserError("Pass --out=DIR, the folder for the experiment's runs and table.")
+    # Join torchrun's process group before choosing a device: each rank then takes its own
+    # GPU (not every rank GPU 0) and the held-out evaluations below are shared out.
+    timeout = apply_overrides(Config(), {key: value for key, value in (overrides or {}).items()
+                                         if key == "dist_timeout"}, "the command line")
+    dist.setup(timeout.dist_timeout)
     device = default_device()
     config, vdvae, info = load_model(vdvae_run, device)
     if info["kind"] is not KINDS["vdvae"]:
