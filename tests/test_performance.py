@@ -23,12 +23,22 @@ def small_model(**overrides):
 
 
 def loss_and_gradient(module: torch.nn.Module, model: torch.nn.Module, bf16: bool = False,
-                      noise=None):
+                      noise=None, backward_thread: bool = False):
+    """The loss and the flattened gradient; with `backward_thread`, backward (and so any
+    recomputation of checkpointed blocks) runs on another thread, as autograd's device
+    threads run it on CUDA."""
     torch.manual_seed(1)
     model.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         metrics = module(BATCH, noise)
-    metrics["loss"].backward()
+    if backward_thread:
+        import threading
+
+        worker = threading.Thread(target=metrics["loss"].backward)
+        worker.start()
+        worker.join()
+    else:
+        metrics["loss"].backward()
     gradient = torch.cat([p.grad.flatten() for p in model.parameters()])
     return metrics["loss"].item(), gradient
 
@@ -73,10 +83,14 @@ def test_precision_bf16_runs_convolutions_in_bf16_and_stays_close_to_fp32():
                                       torch.device("cpu")) is None
 
 
-@pytest.mark.parametrize("noise", [None, NoiseShard(rank=1, world_size=2)])
-def test_activation_checkpointing_recomputes_blocks_and_gives_the_same_gradients(noise):
+@pytest.mark.parametrize("noise, backward_thread", [
+    (None, False), (NoiseShard(rank=1, world_size=2), False),
+    (NoiseShard(rank=1, world_size=2), True)])
+def test_activation_checkpointing_recomputes_blocks_and_gives_the_same_gradients(
+        noise, backward_thread):
     """Also as rank 1 of 2, where every draw is a slice of the global batch's noise: the
-    recomputed blocks draw the same slice again (the shard is an argument, not ambient)."""
+    recomputed blocks draw the same slice again (the shard is an argument, not ambient), also
+    when the recomputation runs on another thread, as on CUDA."""
     model = small_model()
     saving = small_model(checkpoint_activations=True)
     saving.load_state_dict(model.state_dict())
@@ -86,7 +100,7 @@ def test_activation_checkpointing_recomputes_blocks_and_gives_the_same_gradients
             lambda *args, name=name: calls.__setitem__(name, calls[name] + 1))
     loss, gradient = loss_and_gradient(LossModule(model, objective()), model, noise=noise)
     loss_saving, gradient_saving = loss_and_gradient(LossModule(saving, objective()), saving,
-                                                     noise=noise)
+                                                     noise=noise, backward_thread=backward_thread)
     assert calls == {"plain": 1, "saving": 2}       # recomputed in backward, not kept
     assert loss_saving == loss
     assert torch.allclose(gradient_saving, gradient, atol=1e-7)
