@@ -134,6 +134,26 @@ def test_a_rank_that_raises_ends_every_rank_with_its_message(tmp_path):
     assert checkpoint(out)["step"] == 2
 
 
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_and_the_run_resumes(tmp_path):
+    """SIGTERM reaches rank 1 alone after update 3; the ranks learn it from update 4's
+    all-reduce, so both stop after update 4 with a checkpoint there; the same command then
+    finishes the run, logging every step once."""
+    out = tmp_path / "signalled"
+    command = torchrun("stage1", *COMMON, *SMALL_MODEL, "--steps=8", "--checkpoint_every=0",
+                       "--log_every=1", f"--out={out}")
+    stopped = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PROGVAE_TEST_KILL_AT": "3:1",
+                                  "PROGVAE_TEST_SIGNAL": "TERM"})
+    assert stopped.returncode != 0
+    assert "stopped by SIGTERM at step 4 of 8" in stopped.stderr
+    assert checkpoint(out)["step"] == 4
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert checkpoint(out)["step"] == 8
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
 def test_a_missing_peer_ends_the_run_at_its_timeout_instead_of_hanging(tmp_path):
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}   # the store binds a free port

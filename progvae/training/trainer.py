@@ -36,6 +36,7 @@ from progvae.training.stopping import StopRequests, injected_fault
 from progvae.training.updates import SkipRecord, update_ema, warmup_learning_rate
 
 PROGRESS_KEYS = ("rate", "distortion", "multiplier", "nll")   # shown beside the progress bar
+STOP_FLAG = "_stop_asked"
 
 
 class Trainer:
@@ -80,6 +81,8 @@ class Trainer:
         self.sampler = BatchSampler(len(data.train), config.batch_size, config.seed,
                                     rank=dist.rank(), world_size=dist.world_size())
         self.skips = SkipRecord(config.skip_threshold)
+        self.stops: StopRequests | None = None   # the signals recorded while fit() runs
+        self.stop_asked = False   # by any rank, as of the last update's all-reduce
         self.log = RunLog(self.out_dir)
         self.step = 0
         self.elapsed = 0.0   # training seconds summed over every (resumed) process
@@ -167,12 +170,17 @@ class Trainer:
             for name, value in metrics.items():
                 totals[name] = totals.get(name, 0.0) + value.detach().float() / config.accumulate
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, config.grad_clip)
-        names = list(totals)
-        reduced = dist.mean_across_ranks(torch.stack([totals[name] for name in names]))
+        # One all-reduce and one copy to the host per step: the batch metrics, the gradient
+        # norm (identical on every rank after DDP, so its mean is itself) and whether a rank
+        # was asked to stop. The loss is the rank mean, non-finite if any rank's is, so every
+        # rank decides the same.
+        names = [*totals, "grad_norm", STOP_FLAG]
+        stop_asked = torch.tensor(float(self.stops is not None and bool(self.stops.received)),
+                                  device=grad_norm.device)
+        reduced = dist.mean_across_ranks(torch.stack(
+            [*totals.values(), grad_norm.float(), stop_asked]).to(dist.collective_device()))
         values = dict(zip(names, reduced.tolist()))
-        # Gradients are identical on every rank after DDP, so is their norm; the loss is the
-        # rank mean, non-finite if any rank's is. Every rank therefore decides the same.
-        values["grad_norm"] = float(grad_norm)
+        self.stop_asked = values.pop(STOP_FLAG) > 0
         if not self.skips.decide(values["loss"], values["grad_norm"]):
             self.optimizer.step()
             update_ema(self.ema_model, self.model, config.ema_rate)
@@ -234,7 +242,11 @@ class Trainer:
         before a job is killed) stop it after the current update, with a checkpoint at that
         step, by raising TrainingInterrupted; the same command then resumes."""
         with StopRequests() as stops:
-            self._fit(stops)
+            self.stops = stops
+            try:
+                self._fit(stops)
+            finally:
+                self.stops = None
 
     def _fit(self, stops: StopRequests) -> None:
         config = self.config
@@ -263,7 +275,10 @@ class Trainer:
             if config.checkpoint_every > 0 and self.step % config.checkpoint_every == 0:
                 self.save_checkpoint()
             injected_fault(self.step)
-            stop = stops.agreed_signal()
+            # Under torchrun the signal number is agreed (one more collective) only when the
+            # step's all-reduce said some rank was asked to stop; a signal that arrived after
+            # it stops the run after the next update.
+            stop = stops.agreed_signal() if self.stop_asked or not dist.is_distributed() else 0
             if stop:
                 bar.close()
                 self.save_checkpoint()
