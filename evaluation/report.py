@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 from progvae.atomic import atomic_path, atomic_write_json, atomic_write_text, writable_output
+from progvae.curves import write_curves
 from progvae.errors import UserError
 from progvae.kinds import KINDS
 
@@ -70,8 +71,9 @@ def _number(value, digits: int = 4) -> str:
 
 def runs_table(runs: list[dict]) -> list[str]:
     lines = ["| run | kind | data | steps | train s | ELBO | bits/dim | FID | fid_digits | "
-             "LPIPS | rate | stage-1 rate | MSE |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "LPIPS | rate | stage-1 rate | MSE | target met |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
+             "| --- |"]
     for run in runs:
         v = run["values"]
         n = v.get("fid_n_samples")
@@ -83,8 +85,14 @@ def runs_table(runs: list[dict]) -> list[str]:
             f"| {_number(v.get('train_seconds'), 0)} | {_number(v.get('elbo'))} "
             f"| {_number(v.get('bpd'))} | {fid('fid')} | {fid('fid_digits')} "
             f"| {_number(v.get('lpips'))} | {_number(v.get('rate'))} "
-            f"| {_number(v.get('stage1_rate'))} | {_number(mse, 5)} |")
+            f"| {_number(v.get('stage1_rate'))} | {_number(mse, 5)} "
+            f"| {_met(v.get('constraint_met'))} |")
     return lines
+
+
+def _met(value) -> str:
+    """constraint_met as the table shows it (– for runs without a target)."""
+    return "–" if value is None else ("yes" if value else "**no**")
 
 
 def table2(runs: list[dict]) -> list[str]:
@@ -159,11 +167,18 @@ def write_report(run_paths: list[str], out: str | Path, sweep: str = "",
                   for row in sweep_rows]
         lines += ["", f"![LPIPS against MSE]({_link(Path(sweep) / 'lpips_mse.png', out)})", ""]
     for run in runs:
-        images = [name for name in IMAGES if (run["path"] / name).is_file()]
+        images = [run["path"] / name for name in IMAGES if (run["path"] / name).is_file()]
+        if (run["path"] / "metrics.jsonl").is_file():   # its training curves, drawn here
+            try:
+                images.insert(0, write_curves(run["path"],
+                                              out / f"{run['path'].name}_curves.png",
+                                              final=run["values"] or None))
+            except UserError:   # nothing logged yet
+                pass
         if images:
             lines += [f"### {run['path'].name} ({_label(run)})", ""]
-            lines += [f"[{name}]({_link(run['path'] / name, out)})  \n"
-                      f"![{name}]({_link(run['path'] / name, out)})" for name in images]
+            lines += [f"[{image.name}]({_link(image, out)})  \n"
+                      f"![{image.name}]({_link(image, out)})" for image in images]
             lines.append("")
     path = out / "report.md"
     atomic_write_text("\n".join(lines), path)

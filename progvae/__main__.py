@@ -259,6 +259,27 @@ def evaluate(run: str = "", data: str = "", metrics=None, split: str = "test",
         print(f"Wrote {eval_path(run)} ({result['seconds']:.0f} s).")
 
 
+def plot(run: str = "", out: str = "") -> None:
+    """Draw a run's training curves (batch rate, distortion against its target, multiplier,
+    gradient norm, and the held-out numbers at each evaluation) to RUN/curves.png or --out.
+    Works on a run that is still training.
+
+    Example: python -m progvae plot --run=runs/s1 --out=s1_curves.png
+    """
+    from progvae.atomic import writable_output
+    from progvae.curves import write_curves
+
+    if not run:
+        raise UserError("Pass --run=RUN, the directory of a training run.")
+    if not Path(str(run)).is_dir():
+        raise UserError(f"Run directory '{run}' does not exist; pass the --out of a training run.")
+    target = writable_output(out or Path(str(run)) / "curves.png", "--out", ".png")
+    from progvae.runs import run_summary
+
+    final = run_summary(run) or None   # the end-of-training held-out numbers, once finished
+    print(f"Wrote {write_curves(run, target, final=final)}.")
+
+
 def export(run: str = "", out: str = "") -> None:
     """Write a trained run as one safetensors file: its EMA weights, config, kind, step and
     summary (a stage-two run's stage one included). Nothing in it can run code when loaded,
@@ -457,7 +478,7 @@ def _is_main() -> bool:
 
 COMMANDS = {"demo": demo, "stage1": stage1, "stage2": stage2, "joint": joint, "vdvae": vdvae,
             "sample": sample, "sweep": sweep, "evaluate": evaluate, "progressive": progressive,
-            "report": report, "data": data, "bench": bench, "export": export}
+            "report": report, "data": data, "bench": bench, "export": export, "plot": plot}
 
 
 # Commands that take any config field as --field=value: their --help also lists the fields.

@@ -137,6 +137,8 @@ class Config:
     keep_checkpoints: int = option(0, "checkpoints kept besides the latest, as "
                                    "OUT/checkpoints/step_STEP.pt (the newest N; see "
                                    "--resume_from)", minimum=0)
+    tensorboard: bool = option(True, "write TensorBoard events (scalars, image grids) under "
+                               "OUT/tb/")
     eval_batch_size: int = option(64, "images per batch of held-out evaluation", minimum=1)
     n_grid: int = option(64, "images in samples.png and reconstructions.png", minimum=1)
     num_threads: int = option(0, "torch CPU threads (0: torch's default)", minimum=0)

@@ -170,6 +170,15 @@ def test_progressive_then_report_end_to_end(runs, tmp_path):
     joint, two = (read(runs[kind] / "eval.json")["elbo"] for kind in ("joint", "stage2"))
     assert f"| digits | {joint:.4f} |" in text and f"| {two:.4f} |" in text   # Table 2
     assert f"{table['R_K']:.4f}" in text                                      # Table 1
+    for kind in ("stage2", "joint", "vdvae"):                                 # their curves
+        assert f"![{kind}_curves.png]({kind}_curves.png)" in text
+        assert (report_dir / f"{kind}_curves.png").stat().st_size > 10_000
+    assert "| target met |" in text
+
+
+def test_plot_draws_any_runs_curves(runs, tmp_path):
+    progvae("plot", f"--run={runs['stage1']}", f"--out={tmp_path / 'curves.png'}")
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
 
 
 def test_stage_two_keeps_stage_one_frozen_and_scores_it_as_one_pipeline(runs):

@@ -385,3 +385,31 @@ def test_a_checkpoint_write_that_fails_keeps_the_previous_one_and_the_run_resume
     assert again.returncode == 0, again.stderr
     assert "Resuming stage1 from step 2 of 4" in again.stdout
     assert [line["step"] for line in metrics_without_time(out)] == [1, 2, 3, 4]
+
+
+def test_a_watched_run_writes_tensorboard_events_step_grids_and_curves_once_per_step(tmp_path):
+    """Killed after update 3 (its held-out evaluation at 3 already flushed to TensorBoard, the
+    checkpoint at 2), then resumed: the events show every step once, the grids of each
+    evaluation are labelled PNGs, and curves.png is drawn."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "progvae", "stage1", "--config=digits", "--width=8",
+            "--distortion_target=0.02", "--steps=6", "--checkpoint_every=2", "--eval_every=3",
+            "--log_every=1", "--n_grid=4", "--quiet=True", f"--out={out}"]
+    killed = subprocess.run(args, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PROGVAE_TEST_KILL_AT": "3"})
+    assert killed.returncode == -signal.SIGKILL
+    finished = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert {"train/rate", "train/distortion", "train/multiplier", "train/grad_norm",
+            "heldout/mse", "heldout/rate", "heldout/group_rates/00"} <= set(
+        events.Tags()["scalars"])
+    assert [event.step for event in events.Scalars("heldout/mse")] == [3, 6]
+    assert {"images/reconstructions", "images/samples"} <= set(events.Tags()["images"])
+    grids = sorted(path.name for path in (out / "images").iterdir())
+    assert grids == ["step_000003_reconstructions.png", "step_000003_samples.png"]
+    assert (out / "curves.png").stat().st_size > 10_000

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +22,13 @@ def save_grid(images: np.ndarray, path: str | Path, ncols: int | None = None, pa
     nearest-neighbour so each cell is at least 64 pixels. Grayscale stays grayscale. The file
     is written atomically (`progvae.atomic`), so a reader never sees half a PNG.
     """
+    _write_png_atomically(grid_canvas(images, ncols, padding), Path(path))
+
+
+def grid_canvas(images: np.ndarray, ncols: int | None = None, padding: int = 1) -> np.ndarray:
+    """The picture `save_grid` writes, as a uint8 (height, width, C) array."""
     images = _check_images(images)
-    ncols = ncols or math.ceil(math.sqrt(len(images)))
-    _write_png_atomically(_tile(images, ncols, padding), Path(path))
+    return _tile(images, ncols or math.ceil(math.sqrt(len(images))), padding)
 
 
 def save_rows(rows: list[np.ndarray], path: str | Path, padding: int = 1) -> None:
@@ -32,12 +37,41 @@ def save_rows(rows: list[np.ndarray], path: str | Path, padding: int = 1) -> Non
     For example `save_rows([originals, reconstructions], path)` puts each reconstruction below
     its original. Grayscale rows are shown in colour when any row is colour.
     """
+    _write_png_atomically(rows_canvas(rows, padding), Path(path))
+
+
+def rows_canvas(rows: list[np.ndarray], padding: int = 1) -> np.ndarray:
+    """The picture `save_rows` writes, as a uint8 (height, width, C) array."""
     rows = [_check_images(row) for row in rows]
     if not rows or len({row.shape[:3] for row in rows}) != 1:
         raise ValueError(f"save_rows needs rows of equal (N, H, W), got {[row.shape for row in rows]}")
     if len({row.shape[3] for row in rows}) > 1:
         rows = [np.repeat(row, 3, axis=3) if row.shape[3] == 1 else row for row in rows]
-    _write_png_atomically(_tile(np.concatenate(rows), len(rows[0]), padding), Path(path))
+    return _tile(np.concatenate(rows), len(rows[0]), padding)
+
+
+def save_labelled(canvas: np.ndarray, caption: str, path: str | Path) -> None:
+    """A picture (uint8 (H, W, C)) with a caption above it saying what it shows, as a PNG
+    (matplotlib draws the text; pixels are shown one to one)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    height, width = canvas.shape[:2]
+    dpi = 100
+    caption = "\n".join(textwrap.wrap(caption, max(20, max(width, 320) // 8)))
+    caption_pixels = 18 * (caption.count("\n") + 1) + 8
+    figure = plt.figure(figsize=(max(width, 320) / dpi, (height + caption_pixels) / dpi), dpi=dpi)
+    axes = figure.add_axes((0, 0, width / max(width, 320), height / (height + caption_pixels)))
+    axes.imshow(canvas[:, :, 0] if canvas.shape[2] == 1 else canvas, cmap="gray",
+                vmin=0, vmax=255, interpolation="nearest")
+    axes.axis("off")
+    figure.text(0.01, 1 - 4 / (height + caption_pixels), caption, va="top", ha="left",
+                fontsize=9)
+    with atomic_path(Path(path)) as temporary, open(temporary, "wb") as stream:
+        figure.savefig(stream, format="png", dpi=dpi)
+    plt.close(figure)
 
 
 def _check_images(images: np.ndarray) -> np.ndarray:
@@ -64,6 +98,11 @@ def _tile(images: np.ndarray, ncols: int, padding: int) -> np.ndarray:
         left = padding + (index % ncols) * (width + padding)
         canvas[top : top + height, left : left + width] = image
     return canvas
+
+
+def save_png(canvas: np.ndarray, path: str | Path) -> None:
+    """A picture (uint8 (H, W, C), C in {1, 3}) as a PNG, written atomically."""
+    _write_png_atomically(canvas, Path(path))
 
 
 def _write_png_atomically(canvas: np.ndarray, path: Path) -> None:

@@ -24,7 +24,8 @@ from progvae.atomic import atomic_write_json, flag_non_finite
 from progvae.config import Config
 from progvae.data.loading import ImageData, to_model_input, to_uint8_images
 from progvae.heldout import HELDOUT_SEED, heldout_metrics, seeded
-from progvae.data.images import save_grid, save_rows
+from progvae.curves import write_curves
+from progvae.data.images import grid_canvas, rows_canvas, save_labelled, save_png
 from progvae.kinds import RunKind
 from progvae.runs import PreparedRun, prepare_run
 from progvae.training.objective import Objective
@@ -75,17 +76,34 @@ def _train(kind: RunKind, prepared: PreparedRun, recipe: Recipe) -> tuple[dict, 
         scored = recipe.scored(trainer.ema_model)
         return heldout_metrics(kind, scored, data.test, config.eval_batch_size, HELDOUT_SEED)
 
-    trainer.evaluate_heldout = evaluate
-    trainer.resume(prepared.resume_state)
-    trainer.fit()
-    heldout = evaluate()
-    summary = flag_non_finite({**trainer.run_facts(), **summary_values(kind, heldout),
-                               **recipe.summary(heldout)}, f"{out_dir}/summary.json")
-    if dist.is_main():
-        atomic_write_json(summary, out_dir / "summary.json")
-        write_images(kind, recipe.scored(trainer.ema_model), data, out_dir, config.n_grid,
-                     config.seed)
-    dist.barrier()
+    def evaluate_periodically(step: int) -> None:
+        """heldout.jsonl and TensorBoard, labelled grids in OUT/images/, curves.png."""
+        trainer.log.heldout(step, evaluate())
+        if dist.is_main():
+            pictures = write_images(kind, recipe.scored(trainer.ema_model), data,
+                                    out_dir / "images", config.n_grid, config.seed,
+                                    labelled_step=step)
+            trainer.log.images(step, pictures)
+            write_curves(out_dir)
+        dist.barrier()
+
+    trainer.evaluate_periodically = evaluate_periodically
+    try:
+        trainer.resume(prepared.resume_state)
+        trainer.fit()
+        heldout = evaluate()
+        summary = flag_non_finite({**trainer.run_facts(), **summary_values(kind, heldout),
+                                   **recipe.summary(heldout)}, f"{out_dir}/summary.json")
+        if dist.is_main():
+            atomic_write_json(summary, out_dir / "summary.json")
+            pictures = write_images(kind, recipe.scored(trainer.ema_model), data, out_dir,
+                                    config.n_grid, config.seed)
+            trainer.log.scalars("heldout", trainer.step, heldout)
+            trainer.log.images(trainer.step, pictures)
+            write_curves(out_dir, final=heldout)
+        dist.barrier()
+    finally:
+        trainer.log.close()
     return summary, trainer
 
 
@@ -100,10 +118,12 @@ def summary_values(kind: RunKind, heldout: dict) -> dict:
 
 
 @torch.no_grad()
-def write_images(kind: RunKind, scored: nn.Module, data: ImageData, out_dir: Path, n: int,
-                 seed: int) -> None:
+def write_images(kind: RunKind, scored: nn.Module, data: ImageData, folder: Path, n: int,
+                 seed: int, labelled_step: int | None = None) -> dict[str, np.ndarray]:
     """reconstructions.png: rows of held-out originals, (for two-stage kinds) stage one's
-    x_tilde, and the reconstruction; samples.png: n samples at temperature 1. Fixed seed."""
+    x_tilde, and the reconstruction; samples.png: n samples at temperature 1. Fixed seed.
+    With `labelled_step`, as step_NNNNNN_reconstructions.png and step_NNNNNN_samples.png, each
+    with a caption saying what it shows. Returns the two pictures (for TensorBoard)."""
     device = next(scored.parameters()).device
     scored.eval()
     with seeded(seed, device):
@@ -111,12 +131,24 @@ def write_images(kind: RunKind, scored: nn.Module, data: ImageData, out_dir: Pat
         x = to_model_input(torch.from_numpy(originals)).to(device)
         final, x_tilde = kind.reconstruct(scored, x)
         rows = [originals] + ([] if x_tilde is None else [to_uint8_images(x_tilde.cpu())])
-        write_comparison(rows + [to_uint8_images(final.cpu())], out_dir / "reconstructions.png")
-        save_grid(to_uint8_images(kind.sample(scored, n, 1.0, None).cpu()),
-                  out_dir / "samples.png")
+        pictures = {"reconstructions": comparison_canvas(rows + [to_uint8_images(final.cpu())]),
+                    "samples": grid_canvas(to_uint8_images(kind.sample(scored, n, 1.0,
+                                                                       None).cpu()))}
+    if labelled_step is None:
+        for name, picture in pictures.items():
+            save_png(picture, folder / f"{name}.png")
+        return pictures
+    what = ("rows: held-out originals, stage one's x_tilde, the reconstruction"
+            if x_tilde is not None else "rows: held-out originals, their reconstructions")
+    captions = {"reconstructions": f"{kind.name}, step {labelled_step}, EMA weights; {what}",
+                "samples": f"{kind.name}, step {labelled_step}, EMA weights; samples at "
+                           "temperature 1.0"}
+    for name, picture in pictures.items():
+        save_labelled(picture, captions[name], folder / f"step_{labelled_step:06d}_{name}.png")
+    return pictures
 
 
-def write_comparison(image_sets: list[np.ndarray], path: Path) -> None:
+def comparison_canvas(image_sets: list[np.ndarray]) -> np.ndarray:
     """Aligned image sets (e.g. originals, stage one, final), uint8 NHWC of equal length, as
     groups of rows: a row of each set in turn, so every column shows one image's versions."""
     count = len(image_sets[0])
@@ -124,4 +156,8 @@ def write_comparison(image_sets: list[np.ndarray], path: Path) -> None:
     rows = []
     for start in range(0, count - columns + 1, columns):
         rows += [images[start:start + columns] for images in image_sets]
-    save_rows(rows or [images for images in image_sets], path)
+    return rows_canvas(rows or [images for images in image_sets])
+
+
+def write_comparison(image_sets: list[np.ndarray], path: Path) -> None:
+    save_png(comparison_canvas(image_sets), path)

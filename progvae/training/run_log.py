@@ -1,10 +1,13 @@
 """The run's logs: `metrics.jsonl` (one line per `log_every` updates, the window means of the
-batch metrics) and `heldout.jsonl` (one line per periodic held-out evaluation).
+batch metrics), `heldout.jsonl` (one line per periodic held-out evaluation) and the same
+numbers, with image grids, as TensorBoard events under `OUT/tb/` (`train/`, `heldout/` and
+`images/` tags; `tensorboard --logdir runs`).
 
 Each step is logged exactly once across interruptions: on resume the lines an interrupted
 process wrote after its last checkpoint are dropped (they are replayed), and so is a torn line
 a crash cut short. The open window is part of the checkpoint, so a resumed line averages the
-same updates an uninterrupted one would.
+same updates an uninterrupted one would. TensorBoard's own purge does the same for the
+events: a resumed writer hides the interrupted process's points past the checkpoint.
 """
 
 from __future__ import annotations
@@ -22,14 +25,17 @@ from progvae.training import dist
 
 METRICS_LOG = "metrics.jsonl"
 HELDOUT_LOG = "heldout.jsonl"
+TENSORBOARD = "tb"
 
 
 class RunLog:
     """Writes the run directory's logs (rank 0 only; every rank keeps the same window)."""
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, tensorboard: bool = True):
         self.out_dir = Path(out_dir)
         self.window: dict[str, float] = collections.defaultdict(float)
+        self.tensorboard = tensorboard
+        self.writer = None   # the TensorBoard writer, opened by keep_up_to on rank 0
 
     def state_dict(self) -> dict:
         return {"window": dict(self.window)}
@@ -43,7 +49,19 @@ class RunLog:
         if dist.is_main():
             for name in (METRICS_LOG, HELDOUT_LOG):
                 truncate_log(self.out_dir / name, step)
+            if self.tensorboard and self.writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                folder = self.out_dir / TENSORBOARD
+                # Events of steps after `step` were written by a process that died: hidden.
+                self.writer = SummaryWriter(str(folder), flush_secs=30,
+                                            purge_step=step + 1 if folder.exists() else None)
         dist.barrier()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
     def add(self, values: dict[str, float]) -> None:
         """Add one update's metrics to the running sums of the next metrics.jsonl line."""
@@ -64,10 +82,35 @@ class RunLog:
         line.update(extra)
         self.window.clear()
         self._append(METRICS_LOG, line)
+        self.scalars("train", step, line)
         return line
 
     def heldout(self, step: int, metrics: dict[str, float]) -> None:
         self._append(HELDOUT_LOG, {"step": step, **metrics})
+        self.scalars("heldout", step, metrics)
+
+    def scalars(self, group: str, step: int, values: dict) -> None:
+        """TensorBoard scalars `group/name`; a list (the per-group rates) becomes
+        `group/name/K` for each entry."""
+        if self.writer is None:
+            return
+        for name, value in values.items():
+            if name in ("step", "time"):
+                continue
+            if isinstance(value, (list, tuple)):
+                for index, item in enumerate(value):
+                    if isinstance(item, (int, float)) and math.isfinite(item):
+                        self.writer.add_scalar(f"{group}/{name}/{index:02d}", item, step)
+            elif isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(f"{group}/{name}", value, step)
+
+    def images(self, step: int, pictures: dict) -> None:
+        """TensorBoard images `images/name` of uint8 (H, W, C) pictures."""
+        if self.writer is None:
+            return
+        for name, picture in pictures.items():
+            self.writer.add_image(f"images/{name}", picture, step, dataformats="HWC")
+        self.writer.flush()
 
     def _append(self, name: str, line: dict) -> None:
         if dist.is_main():

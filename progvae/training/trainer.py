@@ -83,12 +83,12 @@ class Trainer:
         self.skips = SkipRecord(config.skip_threshold)
         self.stops: StopRequests | None = None   # the signals recorded while fit() runs
         self.stop_asked = False   # by any rank, as of the last update's all-reduce
-        self.log = RunLog(self.out_dir)
+        self.log = RunLog(self.out_dir, tensorboard=config.tensorboard)
         self.step = 0
         self.elapsed = 0.0   # training seconds summed over every (resumed) process
-        # Held-out evaluation every config.eval_every steps (progvae.training.loop sets the one
-        # held-out evaluator here); None: no periodic evaluation.
-        self.evaluate_heldout: Callable[[], dict[str, float]] | None = None
+        # Called with the step every config.eval_every steps before the last (progvae.training.
+        # loop evaluates the EMA weights there and logs and draws the result); None: nothing.
+        self.evaluate_periodically: Callable[[int], None] | None = None
 
     @property
     def skipped(self) -> int:
@@ -250,7 +250,8 @@ class Trainer:
 
     def _fit(self, stops: StopRequests) -> None:
         config = self.config
-        bar = tqdm(total=config.steps, initial=self.step, desc=self.stage, dynamic_ncols=True,
+        bar = tqdm(total=config.steps, initial=self.step, dynamic_ncols=True,
+                   desc=f"{self.stage} (batch means, live weights)",
                    disable=self.quiet or not dist.is_main(), file=sys.stdout, mininterval=1.0)
         first_step = self.step
         started = time.perf_counter()
@@ -269,9 +270,9 @@ class Trainer:
             warning = self.skips.stall_warning(self.step)
             if warning is not None and dist.is_main():
                 tqdm.write(warning, file=sys.stderr)
-            if (self.evaluate_heldout is not None and config.eval_every > 0
+            if (self.evaluate_periodically is not None and config.eval_every > 0
                     and self.step % config.eval_every == 0 and self.step < config.steps):
-                self.log.heldout(self.step, self.evaluate_heldout())
+                self.evaluate_periodically(self.step)
             if config.checkpoint_every > 0 and self.step % config.checkpoint_every == 0:
                 self.save_checkpoint()
             injected_fault(self.step)

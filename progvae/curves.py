@@ -1,0 +1,109 @@
+"""Training curves of a run directory as one figure, `OUT/curves.png`: the batch rate and
+distortion (with the target), the multiplier, and the held-out numbers at each evaluation.
+
+Training rewrites it at each held-out evaluation and at the end; `python -m progvae plot
+--run=OUT` draws it for any run, finished or not.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from progvae.atomic import atomic_path
+from progvae.errors import UserError
+
+CURVES = "curves.png"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The readable lines of a .jsonl log (a torn last line is skipped)."""
+    lines = []
+    if path.is_file():
+        for text in path.read_text().splitlines():
+            try:
+                line = json.loads(text)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(line, dict) and "step" in line:
+                lines.append(line)
+    return lines
+
+
+def _panels(config: dict, train: list[dict], heldout: list[dict]) -> list[dict]:
+    """What to draw: one panel per quantity the run logged."""
+    constrained = config.get("stage") == "stage1"   # the other kinds have no target
+    target = (config.get("distortion_target") or None) if constrained else None
+    rate_target = (config.get("rate_target") or None) if constrained else None
+    candidates = [
+        ("rate", "rate (nats/dim)", "rate", rate_target if config.get("controller") == "rate"
+         else None),
+        ("distortion", "distortion (MSE/dim)", "mse", target
+         if config.get("controller", "lagrangian") != "rate" else None),
+        ("elbo", "ELBO (nats/dim)", "elbo", None),
+        ("nll", "nll (nats/dim)", "nll", None),
+        ("multiplier", "multiplier", None, None),
+        ("grad_norm", "gradient norm", None, None),
+    ]
+    panels = []
+    for key, title, heldout_key, line in candidates:
+        points = [(entry["step"], entry[key]) for entry in train
+                  if isinstance(entry.get(key), (int, float))]
+        held = [(entry["step"], entry[heldout_key]) for entry in heldout
+                if heldout_key and isinstance(entry.get(heldout_key), (int, float))]
+        if points or held:
+            panels.append({"title": title, "train": points, "heldout": held, "target": line})
+    return panels
+
+
+def write_curves(run: str | Path, out: str | Path | None = None,
+                 final: dict | None = None) -> Path:
+    """Draw the run's curves to `out` (default RUN/curves.png); `final` adds the end-of-training
+    held-out numbers (summary.json's) as the last held-out points. Returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = Path(run)
+    if not (run / "metrics.jsonl").is_file():
+        raise UserError(f"'{run}' has no metrics.jsonl; pass the --out of a training run.")
+    config_path = run / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    train = read_jsonl(run / "metrics.jsonl")
+    heldout = read_jsonl(run / "heldout.jsonl")
+    if final is not None and train:
+        heldout = heldout + [{"step": train[-1]["step"], **final}]
+    panels = _panels(config, train, heldout)
+    if not panels:
+        raise UserError(f"'{run}' has logged nothing to plot yet; run it for log_every steps.")
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows),
+                                squeeze=False)
+    for axis, panel in zip(axes.flat, panels):
+        if panel["train"]:
+            axis.plot(*zip(*panel["train"]), lw=1, label="batch (live weights)")
+        if panel["heldout"]:
+            axis.plot(*zip(*panel["heldout"]), "o-", ms=3, label="held-out (EMA weights)")
+        if panel["target"]:
+            axis.axhline(panel["target"], color="k", ls="--", lw=1, label="target")
+        axis.set_title(panel["title"], fontsize=10)
+        axis.set_xlabel("step", fontsize=8)
+        axis.tick_params(labelsize=8)
+        values = [value for _, value in panel["train"] + panel["heldout"]]
+        if panel["target"]:
+            values.append(panel["target"])
+        if min(values) > 0 and max(values) > 20 * min(values):   # spans decades: log scale
+            axis.set_yscale("log")
+        axis.legend(fontsize=7)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.axis("off")
+    figure.suptitle(f"{config.get('stage', 'run')} '{run.name}' on {config.get('data', '?')}",
+                    fontsize=11)
+    figure.tight_layout()
+    out = Path(out) if out else run / CURVES
+    with atomic_path(out) as temporary, open(temporary, "wb") as stream:
+        figure.savefig(stream, format="png", dpi=90)
+    plt.close(figure)
+    return out
