@@ -313,10 +313,10 @@ def test_continuing_a_run_with_another_controller_is_refused_before_any_write(tm
     out = tmp_path / "run"
     config = load_config("digits", {**TINY, "distortion_target": 0.05, "steps": 2})
     train_stage1(config, out, quiet=True)
-    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    before = {path.name: path.read_bytes() for path in out.rglob("*") if path.is_file()}
     with pytest.raises(UserError, match="--controller=lagrangian"):
         train_stage1(dataclasses.replace(config, controller="dco"), out, quiet=True)
-    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert {path.name: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
 
 
 @pytest.mark.slow

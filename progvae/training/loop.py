@@ -98,8 +98,9 @@ def _train(kind: RunKind, prepared: PreparedRun, recipe: Recipe) -> tuple[dict, 
             atomic_write_json(summary, out_dir / "summary.json")
             pictures = write_images(kind, recipe.scored(trainer.ema_model), data, out_dir,
                                     config.n_grid, config.seed)
-            trainer.log.scalars("heldout", trainer.step, heldout)
-            trainer.log.images(trainer.step, pictures)
+            if trainer.step > trainer.resumed_at:   # a finished run re-run logs nothing new
+                trainer.log.scalars("heldout", trainer.step, heldout)
+                trainer.log.images(trainer.step, pictures)
             write_curves(out_dir, final=heldout)
         dist.barrier()
     finally:

@@ -35,7 +35,9 @@ class RunLog:
         self.out_dir = Path(out_dir)
         self.window: dict[str, float] = collections.defaultdict(float)
         self.tensorboard = tensorboard
-        self.writer = None   # the TensorBoard writer, opened by keep_up_to on rank 0
+        self.writer = None   # the TensorBoard writer, opened at the first event on rank 0
+        self.started = False   # keep_up_to has run: events may be written
+        self.purge_from: int | None = None   # events of earlier processes from this step hidden
 
     def state_dict(self) -> dict:
         return {"window": dict(self.window)}
@@ -49,14 +51,20 @@ class RunLog:
         if dist.is_main():
             for name in (METRICS_LOG, HELDOUT_LOG):
                 truncate_log(self.out_dir / name, step)
-            if self.tensorboard and self.writer is None:
-                from torch.utils.tensorboard import SummaryWriter
-
-                folder = self.out_dir / TENSORBOARD
-                # Events of steps after `step` were written by a process that died: hidden.
-                self.writer = SummaryWriter(str(folder), flush_secs=30,
-                                            purge_step=step + 1 if folder.exists() else None)
+            # Events of steps after `step` were written by a process that died: hidden.
+            self.purge_from = step + 1 if (self.out_dir / TENSORBOARD).exists() else None
+            self.started = True
         dist.barrier()
+
+    def _events(self):
+        """The TensorBoard writer, opened at the first event (a finished run re-run writes
+        none); None where events are off, on ranks other than 0, or before keep_up_to."""
+        if self.writer is None and self.tensorboard and self.started:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.out_dir / TENSORBOARD), flush_secs=30,
+                                        purge_step=self.purge_from)
+        return self.writer
 
     def close(self) -> None:
         if self.writer is not None:
@@ -92,7 +100,8 @@ class RunLog:
     def scalars(self, group: str, step: int, values: dict) -> None:
         """TensorBoard scalars `group/name`; a list (the per-group rates) becomes
         `group/name/K` for each entry."""
-        if self.writer is None:
+        writer = self._events()
+        if writer is None:
             return
         for name, value in values.items():
             if name in ("step", "time"):
@@ -100,17 +109,18 @@ class RunLog:
             if isinstance(value, (list, tuple)):
                 for index, item in enumerate(value):
                     if isinstance(item, (int, float)) and math.isfinite(item):
-                        self.writer.add_scalar(f"{group}/{name}/{index:02d}", item, step)
+                        writer.add_scalar(f"{group}/{name}/{index:02d}", item, step)
             elif isinstance(value, (int, float)) and math.isfinite(value):
-                self.writer.add_scalar(f"{group}/{name}", value, step)
+                writer.add_scalar(f"{group}/{name}", value, step)
 
     def images(self, step: int, pictures: dict) -> None:
         """TensorBoard images `images/name` of uint8 (H, W, C) pictures."""
-        if self.writer is None:
+        writer = self._events()
+        if writer is None:
             return
         for name, picture in pictures.items():
-            self.writer.add_image(f"images/{name}", picture, step, dataformats="HWC")
-        self.writer.flush()
+            writer.add_image(f"images/{name}", picture, step, dataformats="HWC")
+        writer.flush()
 
     def _append(self, name: str, line: dict) -> None:
         if dist.is_main():

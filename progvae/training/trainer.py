@@ -85,6 +85,7 @@ class Trainer:
         self.stop_asked = False   # by any rank, as of the last update's all-reduce
         self.log = RunLog(self.out_dir, tensorboard=config.tensorboard)
         self.step = 0
+        self.resumed_at = 0   # the step this process started from
         self.elapsed = 0.0   # training seconds summed over every (resumed) process
         # Called with the step every config.eval_every steps before the last (progvae.training.
         # loop evaluates the EMA weights there and logs and draws the result); None: nothing.
@@ -138,7 +139,7 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.skips.load_state_dict(state)
         self.log.load_state_dict(state)
-        self.step = state["step"]
+        self.step = self.resumed_at = state["step"]
         self.elapsed = state.get("elapsed", 0.0)
         restore_rng_state(state["rng"])
         self.log.keep_up_to(self.step)
