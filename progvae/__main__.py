@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import os
 import sys
 import time
 from pathlib import Path
@@ -503,6 +504,9 @@ def main(argv: list[str] | None = None) -> None:
     except TrainingInterrupted as stopped:
         print(f"progvae: {stopped}", file=sys.stderr)
         sys.exit(128 + stopped.signal_number)
+    except BrokenPipeError:   # output piped into a reader that stopped (`| head`): no noise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except KeyboardInterrupt:   # Ctrl-C outside a training loop (loading, evaluating)
         print("progvae: interrupted (Ctrl-C); nothing was left half-written.", file=sys.stderr)
         sys.exit(128 + 2)

@@ -417,3 +417,84 @@ def test_data_command_bad_input_is_one_sentence(tmp_path, capsys):
     error = capsys.readouterr().err.strip()
     assert error.startswith("progvae: error:") and "test_32x32.mat" in error and "\n" not in error
     assert not (tmp_path / "p.png").exists()
+
+
+# ---------------------------------------------------------------- CIFAR-10 and ImageNet
+def _cifar10_batch(count: int, first: int) -> bytes:
+    """`count` binary CIFAR-10 records: label, then the R, G and B planes; image k's red plane
+    is (first + k + position) % 256, green 1, blue 2."""
+    records = []
+    for k in range(count):
+        red = (np.arange(1024) + first + k) % 256
+        planes = np.concatenate([red, np.full(1024, 1), np.full(1024, 2)]).astype(np.uint8)
+        records.append(bytes([k % 10]) + planes.tobytes())
+    return b"".join(records)
+
+
+def _cifar10_release(folder) -> None:
+    bins = folder / "cifar-10-batches-bin"
+    bins.mkdir(parents=True)
+    for index in range(1, 6):
+        (bins / f"data_batch_{index}.bin").write_bytes(_cifar10_batch(2, 10 * index))
+    (bins / "test_batch.bin").write_bytes(_cifar10_batch(3, 100))
+
+
+def test_cifar10_binary_release_from_the_archive_and_from_its_folder(tmp_path):
+    import tarfile
+
+    _cifar10_release(tmp_path / "extracted")
+    archive = tmp_path / "cifar-10-binary.tar.gz"
+    with tarfile.open(archive, "w:gz") as packed:
+        packed.add(tmp_path / "extracted" / "cifar-10-batches-bin", "cifar-10-batches-bin")
+    for spec in (f"cifar10:{archive}", f"cifar10:{tmp_path / 'extracted'}"):
+        data = load_data(spec, 32)
+        assert data.train.shape == (10, 32, 32, 3) and data.test.shape == (3, 32, 32, 3)
+        # row-major planes: pixel (row, column) of image 1 of data_batch_1 has red 10+1+32r+c
+        assert data.train[1, 2, 5, 0] == (10 + 1 + 2 * 32 + 5) % 256
+        assert (data.train[..., 1] == 1).all() and (data.test[..., 2] == 2).all()
+        assert data.test[0, 0, 0, 0] == 100
+    (tmp_path / "extracted" / "cifar-10-batches-bin" / "test_batch.bin").write_bytes(b"x" * 50)
+    with pytest.raises(UserError, match="not a whole number of CIFAR-10 records"):
+        load_data(f"cifar10:{tmp_path / 'extracted'}", 32)
+
+
+def test_cifar10_python_release_is_refused_as_pickles(tmp_path):
+    python = tmp_path / "cifar-10-batches-py"
+    python.mkdir()
+    (python / "data_batch_1").write_bytes(b"\x80\x04pickled")
+    with pytest.raises(UserError, match="pickles that progvae never loads.*binary release"):
+        load_data(f"cifar10:{tmp_path}", 32)
+
+
+@pytest.mark.parametrize("layout", ["vdvae", "official"])
+def test_downsampled_imagenet_in_both_layouts(tmp_path, layout):
+    rng = np.random.default_rng(0)
+    train, valid = (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for n in (7, 3))
+    if layout == "vdvae":
+        np.save(tmp_path / "imagenet32-train.npy", train)
+        np.save(tmp_path / "imagenet32-valid.npy", valid)
+    else:   # rows of channel planes, in batches
+        rows = lambda images: images.transpose(0, 3, 1, 2).reshape(len(images), -1)  # noqa: E731
+        for index, part in enumerate((train[:4], train[4:]), 1):
+            np.savez(tmp_path / f"train_data_batch_{index}.npz", data=rows(part),
+                     labels=np.zeros(len(part)))
+        np.savez(tmp_path / "val_data.npz", data=rows(valid), labels=np.zeros(3))
+    data = load_data(f"imagenet32:{tmp_path}", 32)
+    assert np.array_equal(data.train, train) and np.array_equal(data.test, valid)
+    with pytest.raises(UserError, match="32x32 but the config asks for 64x64"):
+        load_data(f"imagenet32:{tmp_path}", 64)
+
+
+def test_downsampled_imagenet_of_the_wrong_shape_is_refused_from_its_header(tmp_path):
+    np.save(tmp_path / "imagenet64-train.npy", np.zeros((2, 32, 32, 3), np.uint8))
+    np.save(tmp_path / "imagenet64-valid.npy", np.zeros((2, 32, 32, 3), np.uint8))
+    with pytest.raises(UserError, match="not imagenet64 images"):
+        load_data(f"imagenet64:{tmp_path}", 64)
+
+
+@pytest.mark.parametrize("preset, size", [("cifar10", 32), ("imagenet32", 32), ("imagenet64", 64)])
+def test_the_vdvae_dataset_presets_carry_its_published_settings(preset, size):
+    config = load_config(preset)
+    assert config.data == preset and config.image_size == size
+    assert config.weight_decay == 0.01 and config.warmup_steps == 100
+    assert config.width == (384 if preset == "cifar10" else 512)

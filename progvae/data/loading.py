@@ -11,9 +11,11 @@ A dataset is named by a spec string (the `--data` flag):
 | `svhn:DIR`    | SVHN's train_32x32.mat / test_32x32.mat (+ extra_32x32.mat)                 |
 | `celeba:DIR`  | CelebA's img_align_celeba/ and list_eval_partition.txt, as CelebA-64        |
 | `lsun:DIR`    | an LSUN LMDB (e.g. bedroom_train_lmdb) or a folder of exported images       |
+| `cifar10:PATH` | CIFAR-10's binary release: cifar-10-binary.tar.gz or its extracted folder  |
+| `imagenet32:DIR`, `imagenet64:DIR` | downsampled ImageNet: VDVAE's .npy files or the official .npz batches |
 
 Every split is fixed: the held-out images never change with the training seed, so runs with
-different seeds are evaluated on the same images. `folder:`, `svhn:`, `celeba:` and `lsun:` are
+different seeds are evaluated on the same images. The on-disk datasets (all but `npz:`) are
 decoded once into a cache of memory-mapped uint8 arrays (progvae/data/readers.py reads them,
 progvae/data/cache.py keeps them); the built-in datasets and `npz:` are read directly.
 """
@@ -30,18 +32,26 @@ import torch
 import torch.nn.functional as F
 
 from progvae.data.cache import CacheEntry, load_cached
-from progvae.data.readers import SPLIT_SEED, celeba_recipe, folder_recipe, list_images, lsun_recipe, svhn_recipe
+from progvae.data.readers import (SPLIT_SEED, celeba_recipe, cifar10_recipe, folder_recipe,
+                                  imagenet_recipe, list_images, lsun_recipe, svhn_recipe)
 from progvae.errors import UserError
 
-VALID_SPECS = "digits, patches, folder:PATH, npz:PATH, svhn:DIR, celeba:DIR, lsun:DIR"
+VALID_SPECS = ("digits, patches, folder:PATH, npz:PATH, svhn:DIR, celeba:DIR, lsun:DIR, "
+               "cifar10:PATH, imagenet32:DIR, imagenet64:DIR")
 PATH_HINTS = {  # what each on-disk spec's path names, for the message when it is left out
     "folder": "a folder of images",
     "npz": "a .npz file with train and test arrays",
     "svhn": "the folder holding train_32x32.mat and test_32x32.mat",
     "celeba": "the folder holding img_align_celeba/ and list_eval_partition.txt",
     "lsun": "an LSUN LMDB folder (e.g. bedroom_train_lmdb) or a folder of exported images",
+    "cifar10": "cifar-10-binary.tar.gz or the folder it extracts to",
+    "imagenet32": "the folder holding imagenet32-train.npy and imagenet32-valid.npy (or the "
+                  "official .npz batches)",
+    "imagenet64": "the folder holding imagenet64-train.npy and imagenet64-valid.npy (or the "
+                  "official .npz batches)",
 }
-NATURAL_SIZES = {"digits": 32, "patches": 32, "svhn": 32, "celeba": 64, "lsun": 64}
+NATURAL_SIZES = {"digits": 16, "patches": 32, "svhn": 32, "celeba": 64, "lsun": 64,
+                 "cifar10": 32, "imagenet32": 32, "imagenet64": 64}
 PATCHES_SEED = 4321  # fixes the crop positions and flips of `patches`
 DIGITS_TEST_SIZE = 297  # 1797 digits = 1500 train + 297 test
 PATCHES_PER_IMAGE_TRAIN = 3000
@@ -95,6 +105,11 @@ def load_data(spec: str, image_size: int, resize: bool = False, *,
     path = _existing_path(path_text, prefix)
     if prefix == "npz":
         return _load_npz(path, image_size)
+    if prefix == "cifar10":
+        recipe = cifar10_recipe(path, image_size)
+        arrays, entry = load_cached(recipe, cache_dir)
+        return ImageData(train=arrays["train"], test=arrays["test"], name=f"{prefix}:{path}",
+                         cache=entry)
     if prefix != "folder" and not path.is_dir():
         raise UserError(f"The data path {path} is not a folder; pass {PATH_HINTS[prefix]} as --data={prefix}:DIR.")
     if prefix == "svhn":
@@ -103,6 +118,8 @@ def load_data(spec: str, image_size: int, resize: bool = False, *,
         recipe = celeba_recipe(path, image_size, workers)
     elif prefix == "lsun":
         recipe = lsun_recipe(path, image_size, workers)
+    elif prefix in ("imagenet32", "imagenet64"):
+        recipe = imagenet_recipe(path, image_size, NATURAL_SIZES[prefix])
     else:
         recipe = folder_recipe(path, image_size, resize, workers)
     arrays, entry = load_cached(recipe, cache_dir)
@@ -121,8 +138,9 @@ def load_data_for(config) -> ImageData:
 
 def natural_image_size(spec: str) -> int:
     """The image size a dataset comes at, for commands where the user need not know it: 64 for
-    CelebA-64 and LSUN-64, 32 for SVHN and the built-in sets, the stored size for `npz:`, and
-    the first image's size for a `folder:` of square images."""
+    CelebA-64, LSUN-64 and ImageNet-64, 32 for SVHN, CIFAR-10, ImageNet-32 and `patches`, 16 for
+    `digits` (the size its preset and the demo train at), the stored size for `npz:`, and the
+    first image's size for a `folder:` of square images."""
     prefix, _, path_text = spec.partition(":")
     if prefix in NATURAL_SIZES:
         return NATURAL_SIZES[prefix]

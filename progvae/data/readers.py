@@ -22,7 +22,9 @@ import io
 import multiprocessing
 import os
 import sys
+import tarfile
 import warnings
+import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -123,6 +125,202 @@ def _svhn_images(file: Path) -> np.ndarray:
         raise UserError(f"{file} holds X as {images.dtype} but SVHN's is uint8; use the official "
                         "SVHN 32x32 .mat file.")
     return images
+
+
+# ---------------------------------------------------------------- CIFAR-10
+
+CIFAR10_VERSION = 1
+CIFAR10_RECORD = 1 + 32 * 32 * 3   # a label byte, then the red, green and blue planes
+CIFAR10_FILES = {"train": [f"data_batch_{index}.bin" for index in range(1, 6)],
+                 "test": ["test_batch.bin"]}
+CIFAR10_MAX_RECORDS = 100_000      # per file: the official ones hold 10,000
+CIFAR10_BINARY_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+
+
+def cifar10_recipe(path: Path, image_size: int) -> Recipe:
+    """CIFAR-10's binary release: `cifar-10-binary.tar.gz` itself, its extracted
+    `cifar-10-batches-bin/` folder, or a folder holding that. Read without unpickling anything:
+    the Python release (pickled batches) is refused."""
+    if image_size != 32:
+        raise UserError(f"CIFAR-10 images are 32x32 but the config asks for {image_size}x"
+                        f"{image_size}; pass --image_size=32.")
+    if path.is_file():
+        if not tarfile.is_tarfile(path):
+            raise UserError(f"{path} is not a tar archive; pass cifar-10-binary.tar.gz or the "
+                            "folder it extracts to.")
+        read = functools.partial(_cifar10_member, path)
+        names = _cifar10_archive_names(path)
+        files = [path]
+    else:
+        folder = next((candidate for candidate in (path, path / "cifar-10-batches-bin")
+                       if (candidate / "test_batch.bin").is_file()), None)
+        if folder is None:
+            _refuse_cifar10_python(path, [item.name for item in path.iterdir()]
+                                   + [item.name for item in (path / "cifar-10-batches-py").glob("*")])
+            raise UserError(f"{path} holds no CIFAR-10 binary batches (test_batch.bin, "
+                            "data_batch_1.bin, ...); pass the folder cifar-10-binary.tar.gz "
+                            f"extracts to (from {CIFAR10_BINARY_URL}).")
+        names = {name: folder / name for split in CIFAR10_FILES.values() for name in split}
+        missing = [name for name, file in names.items() if not file.is_file()]
+        if missing:
+            raise UserError(f"The CIFAR-10 folder {folder} has no {missing[0]}; extract the "
+                            "whole cifar-10-binary.tar.gz there.")
+        read = Path.read_bytes
+        files = list(names.values())
+
+    def build(writer: CacheWriter) -> None:
+        with _progress(60_000, "cifar10") as bar:
+            for split, parts in CIFAR10_FILES.items():
+                batches = [_cifar10_images(read(names[name]), name) for name in parts]
+                out = writer.array(split, (sum(len(batch) for batch in batches), 32, 32, 3))
+                offset = 0
+                for batch in batches:
+                    out[offset:offset + len(batch)] = batch
+                    offset += len(batch)
+                    bar.update(len(batch))
+
+    return Recipe(
+        kind="cifar10", source=path, options={}, version=CIFAR10_VERSION,
+        preprocessing="the binary release's records as (N, 32, 32, 3) uint8, labels dropped; "
+                      "train = data_batch_1-5, test = test_batch",
+        fingerprint=fingerprint_files(files, path.parent if path.is_file() else path),
+        build=build)
+
+
+def _cifar10_archive_names(archive: Path) -> dict[str, str]:
+    """Member names of the binary batches in the archive, by file name."""
+    with tarfile.open(archive) as opened:
+        members = {Path(member.name).name: member.name for member in opened.getmembers()
+                   if member.isfile()}
+    _refuse_cifar10_python(archive, list(members))
+    wanted = [name for split in CIFAR10_FILES.values() for name in split]
+    missing = [name for name in wanted if name not in members]
+    if missing:
+        raise UserError(f"{archive} has no {missing[0]}; pass the official "
+                        f"cifar-10-binary.tar.gz ({CIFAR10_BINARY_URL}).")
+    return {name: members[name] for name in wanted}
+
+
+def _cifar10_member(archive: Path, member: str) -> bytes:
+    with tarfile.open(archive) as opened:
+        info = opened.getmember(member)
+        if info.size > CIFAR10_MAX_RECORDS * CIFAR10_RECORD:
+            raise UserError(f"{member} in {archive} is {info.size} bytes, more than a CIFAR-10 "
+                            "batch; pass the official cifar-10-binary.tar.gz.")
+        return opened.extractfile(info).read()
+
+
+def _refuse_cifar10_python(source: Path, names: list[str]) -> None:
+    """The Python release's batches are pickles, which progvae never loads."""
+    if any(name in ("data_batch_1", "test_batch") for name in names):
+        raise UserError(f"{source} is CIFAR-10's Python release, whose batches are pickles "
+                        "that progvae never loads; download the binary release "
+                        f"cifar-10-binary.tar.gz ({CIFAR10_BINARY_URL}) and pass that.")
+
+
+def _cifar10_images(data: bytes, name: str) -> np.ndarray:
+    """(N, 32, 32, 3) uint8 from a binary batch's records."""
+    if len(data) == 0 or len(data) % CIFAR10_RECORD or len(data) > CIFAR10_MAX_RECORDS * \
+            CIFAR10_RECORD:
+        raise UserError(f"{name} is {len(data)} bytes, not a whole number of CIFAR-10 records "
+                        f"({CIFAR10_RECORD} bytes each); replace it with the official file.")
+    records = np.frombuffer(data, np.uint8).reshape(-1, CIFAR10_RECORD)
+    return np.ascontiguousarray(records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+
+
+# ---------------------------------------------------------------- downsampled ImageNet
+
+IMAGENET_VERSION = 1
+IMAGENET_URL = "https://image-net.org/download-images (Downsampled ImageNet 32x32 / 64x64)"
+
+
+def imagenet_recipe(directory: Path, image_size: int, resolution: int) -> Recipe:
+    """Downsampled ImageNet at `resolution` (32 or 64), from either layout: VDVAE's
+    imagenet{R}-train.npy and imagenet{R}-valid.npy (N, R, R, 3), or the official .npz batches
+    (train_data_batch_K.npz and val_data.npz, each a `data` array of (N, 3*R*R) rows). The
+    official validation set is the held-out split (VDVAE's test set). Read without pickle."""
+    if image_size != resolution:
+        raise UserError(f"imagenet{resolution} images are {resolution}x{resolution} but the "
+                        f"config asks for {image_size}x{image_size}; pass "
+                        f"--image_size={resolution}.")
+    vdvae = {split: directory / f"imagenet{resolution}-{name}.npy"
+             for split, name in (("train", "train"), ("test", "valid"))}
+    if all(file.is_file() for file in vdvae.values()):
+        sources = {split: [file] for split, file in vdvae.items()}
+    else:
+        train = sorted(directory.rglob("train_data_batch_*.npz"),
+                       key=lambda file: int(file.stem.rsplit("_", 1)[-1])
+                       if file.stem.rsplit("_", 1)[-1].isdigit() else 0)
+        valid = sorted(directory.rglob("val_data.npz"))
+        if not train or not valid:
+            raise UserError(f"{directory} holds neither imagenet{resolution}-train.npy and "
+                            f"imagenet{resolution}-valid.npy nor the official "
+                            "train_data_batch_K.npz and val_data.npz; put either there (from "
+                            f"{IMAGENET_URL}).")
+        sources = {"train": train, "test": valid[:1]}
+    shapes = {split: [_imagenet_count(file, resolution) for file in files]
+              for split, files in sources.items()}
+
+    def build(writer: CacheWriter) -> None:
+        with _progress(sum(map(sum, shapes.values())), f"imagenet{resolution}") as bar:
+            for split, files in sources.items():
+                out = writer.array(split, (sum(shapes[split]), resolution, resolution, 3))
+                offset = 0
+                for file in files:
+                    images = _imagenet_images(file, resolution)
+                    for start in range(0, len(images), 16384):   # a chunk at a time
+                        chunk = images[start:start + 16384]
+                        if chunk.ndim == 2:   # official rows: channel planes
+                            chunk = chunk.reshape(-1, 3, resolution, resolution)
+                            chunk = chunk.transpose(0, 2, 3, 1)
+                        out[offset:offset + len(chunk)] = chunk
+                        offset += len(chunk)
+                        bar.update(len(chunk))
+                    del images
+
+    every = [file for files in sources.values() for file in files]
+    return Recipe(
+        kind=f"imagenet{resolution}", source=directory, options={}, version=IMAGENET_VERSION,
+        preprocessing=f"(N, {resolution}, {resolution}, 3) uint8 as stored, labels dropped; "
+                      "test = the official validation set",
+        fingerprint=fingerprint_files(every, directory), build=build)
+
+
+def _imagenet_count(file: Path, resolution: int) -> int:
+    """Images in a .npy or in an .npz's `data`, from the array header alone (checked against
+    the resolution before anything is allocated)."""
+    try:
+        if file.suffix == ".npy":
+            with open(file, "rb") as stream:
+                shape, dtype = _npy_header(stream)
+            expected = (resolution, resolution, 3)
+            ok = len(shape) == 4 and tuple(shape[1:]) == expected
+        else:
+            with zipfile.ZipFile(file) as archive, archive.open("data.npy") as stream:
+                shape, dtype = _npy_header(stream)
+            ok = len(shape) == 2 and shape[1] == 3 * resolution * resolution
+    except (KeyError, zipfile.BadZipFile, OSError, ValueError) as error:
+        raise UserError(f"Could not read {file} as downsampled ImageNet ({error}); replace it "
+                        "with the original file.") from None
+    if not ok or dtype != np.uint8 or shape[0] < 1:
+        raise UserError(f"{file} holds {dtype} {tuple(shape)}, not imagenet{resolution} images; "
+                        "replace it with the original file.")
+    return int(shape[0])
+
+
+def _npy_header(stream) -> tuple[tuple, np.dtype]:
+    version = np.lib.format.read_magic(stream)
+    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+            else np.lib.format.read_array_header_2_0)
+    shape, _, dtype = read(stream)
+    return shape, dtype
+
+
+def _imagenet_images(file: Path, resolution: int) -> np.ndarray:
+    if file.suffix == ".npy":
+        return np.load(file, mmap_mode="r", allow_pickle=False)
+    with np.load(file, allow_pickle=False) as stored:
+        return stored["data"]
 
 
 # ---------------------------------------------------------------- CelebA
