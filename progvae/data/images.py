@@ -53,16 +53,13 @@ def rows_canvas(rows: list[np.ndarray], padding: int = 1) -> np.ndarray:
 def save_labelled(canvas: np.ndarray, caption: str, path: str | Path) -> None:
     """A picture (uint8 (H, W, C)) with a caption above it saying what it shows, as a PNG
     (matplotlib draws the text; pixels are shown one to one)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure   # no pyplot: no global figure state to leak
 
     height, width = canvas.shape[:2]
     dpi = 100
     caption = "\n".join(textwrap.wrap(caption, max(20, max(width, 320) // 8)))
     caption_pixels = 18 * (caption.count("\n") + 1) + 8
-    figure = plt.figure(figsize=(max(width, 320) / dpi, (height + caption_pixels) / dpi), dpi=dpi)
+    figure = Figure(figsize=(max(width, 320) / dpi, (height + caption_pixels) / dpi), dpi=dpi)
     axes = figure.add_axes((0, 0, width / max(width, 320), height / (height + caption_pixels)))
     axes.imshow(canvas[:, :, 0] if canvas.shape[2] == 1 else canvas, cmap="gray",
                 vmin=0, vmax=255, interpolation="nearest")
@@ -71,7 +68,6 @@ def save_labelled(canvas: np.ndarray, caption: str, path: str | Path) -> None:
                 fontsize=9)
     with atomic_path(Path(path)) as temporary, open(temporary, "wb") as stream:
         figure.savefig(stream, format="png", dpi=dpi)
-    plt.close(figure)
 
 
 def _check_images(images: np.ndarray) -> np.ndarray:
