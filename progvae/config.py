@@ -60,6 +60,10 @@ class Config:
                                         above=0)
     precision_weighted_merge: bool = option(False, "Sonderby et al. 2016 posterior "
                                             "(paper 002 A.1)")
+    latents: str = option("gaussian", "gaussian: reparameterised Gaussian latents and the "
+                          "analytic KL; quantized: uniform noise in training, rounded latents "
+                          "coded under the box-integrated prior (a real codec's rate)",
+                          choices=("gaussian", "quantized"))
     n_mixtures: int = option(10, "components of the DMoL head (stage two, vdvae)", minimum=1)
 
     # --- optimisation (paper 003 A.1, VDVAE defaults) -----------------------------------------
@@ -166,7 +170,7 @@ class Config:
 
 ARCHITECTURE_FIELDS = (
     "image_size", "image_channels", "enc_blocks", "dec_blocks", "width", "custom_width", "zdim",
-    "bottleneck_multiple", "precision_weighted_merge", "n_mixtures", "latent_groups",
+    "bottleneck_multiple", "precision_weighted_merge", "n_mixtures", "latent_groups", "latents",
 )
 
 

@@ -95,6 +95,9 @@ def evaluate_run(run: str | Path, data_spec: str = "", metrics=None, split: str 
     device = default_device()
     config, model, info = load_scored(run, device)
     kind = info["kind"]
+    if iw_samples > 0 and config.latents == "quantized":
+        raise UserError("--iw_samples needs Gaussian latents; the rate of a run with "
+                        "--latents=quantized is already the exact code length, so leave it out.")
     batch_size = batch_size or config.eval_batch_size
     data_spec = data_spec or config.data
     names = parse_metrics(metrics, data_spec)

@@ -1,9 +1,13 @@
 """Diagonal Gaussians as (mean, log standard deviation) pairs: sampling, the analytic KL and
-the log density ratio."""
+the log density ratio; and the quantised latents of a codec (Balle et al. 2018; Duan et al.
+2023): uniform noise for training and the Gaussian integrated over a unit box, whose negative
+log is a symbol's code length."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import math
 
 import torch
 
@@ -72,3 +76,39 @@ def precision_weighted_merge(encoder_mean: torch.Tensor, encoder_logstd: torch.T
     precision = encoder_precision + prior_precision
     mean = (encoder_mean * encoder_precision + prior_mean * prior_precision) / precision
     return mean, -0.5 * torch.log(precision)
+
+
+LIKELIHOOD_BOUND = 1e-9   # the smallest probability a symbol is given (its code length ~20.7 nats)
+
+
+def uniform_noise_like(t: torch.Tensor, shard: NoiseShard | None = None) -> torch.Tensor:
+    """U(-1/2, 1/2) noise of t's shape, sharded over processes as `standard_normal_like`."""
+    if shard is None or shard.world_size == 1:
+        return torch.rand_like(t) - 0.5
+    batch = t.shape[0]
+    noise = torch.rand((batch * shard.world_size, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    return noise[shard.rank * batch:(shard.rank + 1) * batch] - 0.5
+
+
+def quantized_latent(posterior_mean: torch.Tensor, prior_mean: torch.Tensor) -> torch.Tensor:
+    """The coded latent: prior mean + round(posterior mean - prior mean) (Duan et al. 2023,
+    eq. 9), so the symbol, an integer, is what the entropy coder writes."""
+    return prior_mean + torch.round(posterior_mean - prior_mean)
+
+
+def box_gaussian_nll(z: torch.Tensor, mean: torch.Tensor, logstd: torch.Tensor) -> torch.Tensor:
+    """Elementwise -log P(z) in nats, P(z) the mass of N(mean, std^2) on [z - 1/2, z + 1/2] (the
+    Gaussian convolved with a unit box, Balle et al. 2018): at z = mean + an integer it is the
+    code length of that symbol, at z = posterior mean + U(-1/2, 1/2) the rate term of training.
+
+    Computed on the lower tail by symmetry, as log Phi(upper) + log(1 - Phi(lower) / Phi(upper))
+    with log Phi from `log_ndtr`, so a symbol 40 standard deviations out still has a finite,
+    accurate length; P is bounded below by LIKELIHOOD_BOUND."""
+    distance = torch.abs(z - mean)
+    inverse_std = torch.exp(-logstd)
+    upper = torch.special.log_ndtr((0.5 - distance) * inverse_std)
+    lower = torch.special.log_ndtr((-0.5 - distance) * inverse_std)
+    gap = lower - upper   # <= 0
+    log_one_minus = torch.where(gap > -math.log(2.0), torch.log(-torch.expm1(gap)),
+                                torch.log1p(-torch.exp(gap)))
+    return -torch.clamp(upper + log_one_minus, min=math.log(LIKELIHOOD_BOUND))

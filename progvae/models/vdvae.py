@@ -18,8 +18,10 @@ from torch.utils.checkpoint import checkpoint
 from progvae.models.blocks import (Block, BlockSpec, conv, match_channels, parse_block_string,
                             parse_widths, residual_scale)
 from progvae.config import Config
-from progvae.models.distributions import (NoiseShard, gaussian_kl, gaussian_log_ratio, gaussian_sample,
-                                    precision_weighted_merge)
+from progvae.models.distributions import (NoiseShard, box_gaussian_nll, gaussian_kl,
+                                          gaussian_log_ratio, gaussian_sample,
+                                          precision_weighted_merge, quantized_latent,
+                                          standard_normal_like, uniform_noise_like)
 from progvae.errors import UserError
 from progvae.models.heads import LinearHead
 
@@ -70,8 +72,9 @@ class DecoderBlock(nn.Module):
     """One top-down step: prior and posterior of latent group z_i, then a residual block."""
 
     def __init__(self, spec: BlockSpec, width: int, zdim: int, bottleneck_multiple: float,
-                 n_blocks: int, precision_weighted: bool):
+                 n_blocks: int, precision_weighted: bool, quantized: bool = False):
         super().__init__()
+        self.quantized = quantized
         self.resolution = spec.resolution
         self.mixin = spec.mixin
         self.width = width
@@ -105,13 +108,24 @@ class DecoderBlock(nn.Module):
             if self.precision_weighted:
                 posterior_mean, posterior_logstd = precision_weighted_merge(
                     posterior_mean, posterior_logstd, prior_mean, prior_logstd)
-            latent = gaussian_sample(posterior_mean, posterior_logstd, shard=noise)
-            # KL in float32 even under reduced-precision autocast.
-            kl = gaussian_kl(posterior_mean.float(), posterior_logstd.float(),
-                             prior_mean.float(), prior_logstd.float())
+            if self.quantized:
+                # Training: the posterior is U(mean - 1/2, mean + 1/2) (zero entropy), so the
+                # KL is the code length of the noisy latent under the box-convolved prior;
+                # evaluation codes the rounded latent and the KL is its exact code length.
+                latent = (posterior_mean + uniform_noise_like(posterior_mean, noise)
+                          if self.training else quantized_latent(posterior_mean, prior_mean))
+                kl = box_gaussian_nll(latent.float(), prior_mean.float(), prior_logstd.float())
+            else:
+                latent = gaussian_sample(posterior_mean, posterior_logstd, shard=noise)
+                # KL in float32 even under reduced-precision autocast.
+                kl = gaussian_kl(posterior_mean.float(), posterior_logstd.float(),
+                                 prior_mean.float(), prior_logstd.float())
             posterior = (posterior_mean, posterior_logstd)
         elif given_latent is not None:
             latent = given_latent
+        elif self.quantized:   # a symbol drawn from the discretised prior
+            latent = prior_mean + torch.round(
+                temperature * torch.exp(prior_logstd) * standard_normal_like(prior_mean, noise))
         else:
             latent = gaussian_sample(prior_mean, prior_logstd, temperature, shard=noise)
         stream = stream + stream_update + self.latent_proj(latent)
@@ -123,14 +137,15 @@ class Decoder(nn.Module):
 
     def __init__(self, specs: list[BlockSpec], widths: dict[int, int], zdim: int,
                  bottleneck_multiple: float, image_size: int, precision_weighted: bool,
-                 checkpointing: bool = False):
+                 checkpointing: bool = False, quantized: bool = False):
         super().__init__()
         self.image_size = image_size
         self.checkpointing = checkpointing
         self.widths = widths
+        self.quantized = quantized
         self.blocks = nn.ModuleList([
             DecoderBlock(spec, widths[spec.resolution], zdim, bottleneck_multiple, len(specs),
-                         precision_weighted) for spec in specs])
+                         precision_weighted, quantized) for spec in specs])
         resolutions = sorted({spec.resolution for spec in specs})
         # A learned starting stream per resolution (zero-initialised), as in VDVAE.
         self.stream_init = nn.ParameterDict({
@@ -240,7 +255,8 @@ class VDVAE(nn.Module):
                                           config.bottleneck_multiple, memory_saving)
                                   if conditional else None)
         self.decoder = Decoder(decoder_specs, widths, config.zdim, config.bottleneck_multiple, size,
-                               config.precision_weighted_merge, memory_saving)
+                               config.precision_weighted_merge, memory_saving,
+                               quantized=config.latents == "quantized")
         self.head = build_head(head, widths[size], channels, config.n_mixtures)
 
     @property
