@@ -161,7 +161,7 @@ def test_a_second_writer_is_refused_naming_the_first(tmp_path):
     assert not (out / "config.json").exists()
 
 
-@pytest.mark.slow   # the whole demo: about 3 minutes on 2 cores
+@pytest.mark.slow   # the whole demo: about 4 minutes on 2 cores
 def test_the_demo_meets_its_distortion_target_and_stage_two_improves_on_it(tmp_path):
     """The built-in demo lands within 10% of its stage-one target on held-out data, and stage
     two's reconstructions beat stage one's distortion."""
