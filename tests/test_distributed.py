@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -272,3 +273,44 @@ def test_rank_zero_decides_the_resume_when_other_ranks_cannot_see_the_run(tmp_pa
     assert resumed["step"] == 6
     for name, value in uninterrupted["model"].items():
         assert torch.equal(resumed["model"][name], value), name
+
+
+def test_fid_reference_statistics_are_computed_once_shared_over_the_ranks(tmp_path):
+    """On a cache miss under torchrun each rank extracts its share of the reference features;
+    gathered, they give the statistics one process computes from all of them."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    from progvae.data.loading import load_data
+    from progvae.evaluation.metrics.fid import FidScorer
+
+    scorer = FidScorer("digits")            # trains the digit classifier here if need be
+    reference = load_data("digits", 16).test[:101]
+    script = tmp_path / "reference.py"
+    script.write_text(
+        "import sys, numpy as np\n"
+        "from progvae.training import dist\n"
+        "from progvae.data.loading import load_data\n"
+        "from progvae.evaluation.metrics.fid import FidScorer\n"
+        "dist.setup(60)\n"
+        "scorer = FidScorer('digits')\n"
+        "extract = scorer.features\n"
+        "def counted(images):\n"
+        "    print(f'rank {dist.rank()} extracted {len(images)}', flush=True)\n"
+        "    return extract(images)\n"
+        "scorer.features = counted\n"
+        "statistics = scorer.reference_statistics(load_data('digits', 16).test[:101])\n"
+        "if dist.is_main():\n"
+        "    np.savez(sys.argv[1], **statistics)\n"
+        "dist.cleanup()\n")
+    cached = scorer.statistics_dir / f"{scorer.reference_key(reference)}.npz"
+    cached.unlink(missing_ok=True)           # a cache miss
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", str(script), str(tmp_path / "stats.npz")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "rank 0 extracted 50" in result.stdout and "rank 1 extracted 51" in result.stdout
+    shared = np.load(tmp_path / "stats.npz")
+    alone = fid_features_to_statistics(scorer.features(reference))
+    assert np.allclose(shared["mu"], alone["mu"], atol=1e-5)
+    assert np.allclose(shared["sigma"], alone["sigma"], atol=1e-5)
+    assert np.array_equal(np.load(cached)["mu"], shared["mu"])   # rank 0 wrote the cache

@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import Dataset
 
 from progvae.errors import UserError
+from progvae.training import dist
 from progvae.atomic import atomic_path
 from progvae.evaluation.metrics.weights import (cache_dir, file_fingerprint, inception_weights,
                                                 load_state_dict_file)
@@ -134,14 +135,19 @@ class FidScorer:
         return features[self.layer].cpu()
 
     def reference_statistics(self, reference: np.ndarray) -> dict[str, np.ndarray]:
-        """mu and sigma of the extractor's features on `reference`, cached as .npz."""
+        """mu and sigma of the extractor's features on `reference`, cached as .npz. Under
+        torchrun (every rank calls this) a cache miss is computed once in all: each rank
+        extracts the features of its share of the images, the shares are gathered in order,
+        and rank 0 writes the file."""
         from torch_fidelity.metric_fid import fid_features_to_statistics
 
         path = self.statistics_dir / f"{self.reference_key(reference)}.npz"
-        if path.is_file():
+        if dist.all_ranks_agree(path.is_file()):
             return read_statistics(path)
-        statistics = fid_features_to_statistics(self.features(reference))
-        write_statistics(statistics, path)
+        features = dist.gather_rows(self.features(reference[dist.shard(len(reference))]))
+        statistics = fid_features_to_statistics(features)
+        if dist.is_main():
+            write_statistics(statistics, path)
         return statistics
 
     @torch.no_grad()
