@@ -369,7 +369,7 @@ def report(runs=None, out: str = "", sweep: str = "", lpips_weights: str = "") -
 def bench(config: str = "tiny", model: str = "stage1", batch: int | None = None,
           precision: str = "auto", compile: bool | str = "auto", device: str = "",
           steps: int = 20, warmup: int = 5, out: str = "bench.json", profile: int = 0,
-          **overrides) -> None:
+          suite: str = "", **overrides) -> None:
     """Measure the training step (images/s, memory, FLOPs and fraction of peak), sampling and
     the data path on synthetic images of the preset's shape; prints and writes bench.json.
 
@@ -377,9 +377,23 @@ def bench(config: str = "tiny", model: str = "stage1", batch: int | None = None,
     (--device=cpu|cuda only checks that the step runs where you expect; CUDA is used when
     visible). --profile=N adds a torch.profiler table of N steps (the operators that take the
     most time). Any config field can be overridden, e.g. --checkpoint_activations=True.
+    --suite=gpu runs the whole GPU check instead: the svhn preset in fp32, TF32 and
+    bf16 + compile, 50,000 pipeline samples and the GPU tests, written to bench_gpu.json.
     """
     from progvae.config import load_config
     from progvae.evaluation.benchmarks.bench import format_result, run_bench, write_result
+
+    if suite:
+        if suite != "gpu":
+            raise UserError(f"--suite must be gpu (the whole GPU check), got '{suite}'.")
+        from progvae.evaluation.benchmarks.gpu_suite import format_suite, run_gpu_suite
+
+        path = "bench_gpu.json" if out == "bench.json" else out
+        summary = run_gpu_suite(load_config("svhn", {"image_channels": 3}), steps, warmup)
+        print(format_suite(summary))
+        write_result(summary, path)
+        print(f"Wrote {path}.")
+        return
 
     overrides.update(precision=precision, compile=compile)
     if batch is not None:

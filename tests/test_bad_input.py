@@ -153,6 +153,9 @@ CASES = [
     ("progressive: not a vdvae run", ["progressive", "--run={run}", "--out={tmp}/p"],
      "vdvae"),
     ("data: no --data", ["data"], "--data"),
+    ("bench: the GPU suite without a GPU", ["bench", "--suite=gpu", "--out={tmp}/g.json"],
+     "needs a CUDA GPU"),
+    ("bench: unknown suite", ["bench", "--suite=nosuch", "--out={tmp}/g.json"], "--suite"),
     ("bench: unknown model", ["bench", "--model=nosuch", "--out={tmp}/b.json"], "nosuch"),
 ]
 

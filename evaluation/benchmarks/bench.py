@@ -91,10 +91,12 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def run_bench(config: Config, model: str = "stage1", steps: int = 20, warmup: int = 5,
-              sample_batches: int = 3, device: str = "", profile: int = 0) -> dict:
+              sample_batches: int = 3, device: str = "", profile: int = 0,
+              tf32: bool = True) -> dict:
     """Benchmark one configuration; returns the numbers `bench` prints and writes. With
     `profile` > 0 it also profiles that many steps (torch.profiler) into "profile", a table
-    of the operators that take the most time."""
+    of the operators that take the most time. `tf32=False` keeps CUDA matmuls and
+    convolutions in full fp32 (the trainer otherwise allows TF32)."""
     if not isinstance(profile, int) or isinstance(profile, bool) or profile < 0:
         raise UserError(f"--profile must be a number of steps >= 0, got {profile!r}.")
     if model not in MODELS:
@@ -113,12 +115,17 @@ def run_bench(config: Config, model: str = "stage1", steps: int = 20, warmup: in
         trainer = Trainer(network, OBJECTIVES[model](config, torch.device("cpu")), config,
                           data, Path(scratch), model, quiet=True)
         device_ = trainer.device
+        if device_.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.allow_tf32 = tf32
         frozen = getattr(trainer.objective, "stage1", None)
         if frozen is not None:   # move the frozen stage one to where the step runs
             frozen.to(device_)
-        for _ in range(warmup):
+        warming = time.perf_counter()
+        for _ in range(warmup):   # includes compiling, where compilation is on
             trainer.train_step()
         _synchronize(device_)
+        warmup_seconds = time.perf_counter() - warming
         if device_.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device_)
         times = []
@@ -148,6 +155,7 @@ def run_bench(config: Config, model: str = "stage1", steps: int = 20, warmup: in
         "train_images_per_s": {"median": images / median, "min": images / max(times),
                                "max": images / min(times)},
         "step_ms_median": 1000 * median,
+        "warmup_seconds": warmup_seconds,
         "peak_memory_mb": memory / 2 ** 20,
         "flops_per_step": flops,
         "achieved_tflops": flops / median / 1e12,
