@@ -436,7 +436,7 @@ def _stage2_config(stage1_run: str, preset: str, overrides: dict):
     if preset:
         return load_config(preset, overrides)
     if is_exported(stage1_run):
-        stage1_config = read_exported(stage1_run)[0].config
+        stage1_config = read_exported(stage1_run, weights_of=())[0].config   # header only
     else:
         _, stage1_config = load_run_config(stage1_run)
     return apply_overrides(stage1_config, overrides, "the command line")

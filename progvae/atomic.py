@@ -12,6 +12,8 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+from progvae.errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -76,8 +78,6 @@ def flag_non_finite(values: dict, what: str) -> dict:
 def writable_output(path, flag: str, suffix: str | None = None) -> Path:
     """Check, before any work, that the file `path` (given as `flag`) can be written: the right
     suffix, not a folder, its folder creatable and writable. Returns it as a Path."""
-    from progvae.errors import UserError
-
     path = Path(str(path))
     if suffix is not None and path.suffix.lower() != suffix:
         raise UserError(f"{flag} must name a {suffix} file, got '{path}'.")

@@ -63,8 +63,11 @@ def _describe(network: ExportedNetwork, prefix: str) -> dict[str, str]:
             prefix + "summary": json.dumps(network.summary)}
 
 
-def read_exported(path: str | Path) -> tuple[ExportedNetwork, ExportedNetwork | None]:
-    """The network of an exported file and, if it holds one, its stage one. Anything that is
+def read_exported(path: str | Path, weights_of: tuple[str, ...] = (MODEL_PREFIX, STAGE1_PREFIX)
+                  ) -> tuple[ExportedNetwork, ExportedNetwork | None]:
+    """The network of an exported file and, if it holds one, its stage one. Only the tensors of
+    the parts named in `weights_of` (MODEL_PREFIX, STAGE1_PREFIX) are read; the others come
+    with empty weights (`()`: the header alone, for a config or a summary). Anything that is
     not a progvae export is refused with one sentence."""
     from safetensors import SafetensorError, safe_open
 
@@ -76,7 +79,8 @@ def read_exported(path: str | Path) -> tuple[ExportedNetwork, ExportedNetwork | 
         # file, so a header cannot make it allocate more than the file holds.
         with safe_open(str(path), framework="pt") as stream:
             metadata = stream.metadata() or {}
-            tensors = {name: stream.get_tensor(name) for name in stream.keys()}
+            tensors = {name: stream.get_tensor(name) for name in stream.keys()
+                       if name.startswith(tuple(weights_of))}
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
         raise UserError(f"'{path}' is not a readable safetensors file ({first_line}); export "

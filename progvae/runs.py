@@ -22,7 +22,8 @@ from progvae.training.history import HISTORY
 from progvae.config import ARCHITECTURE_FIELDS, Config
 from progvae.data.loading import ImageData, load_data_for
 from progvae.errors import UserError
-from progvae.exported import ExportedNetwork, is_exported, read_exported, write_exported
+from progvae.exported import (MODEL_PREFIX, STAGE1_PREFIX, ExportedNetwork, is_exported,
+                              read_exported, write_exported)
 from progvae.kinds import KINDS, get_kind
 from progvae.models.pipeline import Pipeline
 
@@ -176,7 +177,7 @@ def load_model(run: str | Path, device: torch.device | str = "cpu"
     checkpoint's bookkeeping: {"stage" (the kind's name), "kind" (its RunKind), "step",
     "finished"}. `run` is a run directory or a file written by `progvae export`."""
     if is_exported(run):
-        network, _ = read_exported(run)
+        network, _ = read_exported(run, weights_of=(MODEL_PREFIX,))
         return _network(network.kind, network.config, network.weights, network.step,
                         f"'{run}'", device)
     run_dir, config = load_run_config(run)
@@ -206,7 +207,7 @@ def _network(kind_name, config: Config, weights: dict, step: int, source: str, d
 def run_summary(run: str | Path) -> dict:
     """A run's summary.json (or an exported model's copy of it); {} if it has none."""
     if is_exported(run):
-        return read_exported(run)[0].summary
+        return read_exported(run, weights_of=())[0].summary
     path = Path(run) / "summary.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -231,7 +232,7 @@ def _stage1_of(run, config: Config, device) -> tuple[Config, nn.Module, dict]:
     """The stage one of a stage-two run: the one inside an exported file, else the stage-one
     run its config records."""
     if is_exported(run):
-        _, stage1 = read_exported(run)
+        _, stage1 = read_exported(run, weights_of=(STAGE1_PREFIX,))
         if stage1 is not None:
             return _network(stage1.kind, stage1.config, stage1.weights, stage1.step,
                             f"stage one in '{run}'", device)
@@ -249,7 +250,7 @@ def _load_stage1(path, device) -> tuple[Config, nn.Module, dict]:
 
 def _stage1_summary(run, config: Config) -> dict:
     if is_exported(run):
-        _, stage1 = read_exported(run)
+        _, stage1 = read_exported(run, weights_of=())
         if stage1 is not None:
             return stage1.summary
     return run_summary(config.stage1)

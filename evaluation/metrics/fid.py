@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from progvae.errors import UserError
 from progvae.training import dist
 from progvae.atomic import atomic_path
+from progvae.data.readers import npy_header
 from progvae.evaluation.metrics.weights import (cache_dir, file_fingerprint, inception_weights,
                                                 load_state_dict_file)
 
@@ -219,10 +220,7 @@ def _statistics_problem(path: Path) -> str:
             shapes = {}
             for name in ("mu", "sigma"):
                 with archive.open(f"{name}.npy") as stream:
-                    version = np.lib.format.read_magic(stream)
-                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                                   else np.lib.format.read_array_header_2_0)
-                    shape, _, dtype = read_header(stream)
+                    shape, dtype = npy_header(stream)
                 if dtype.kind != "f":
                     return f"{name} is {dtype}, not floating point"
                 shapes[name] = shape

@@ -16,6 +16,7 @@ import torch
 
 from progvae.data.cache import cache_root
 from progvae.errors import UserError
+from progvae.training.checkpoint import refused_global
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
@@ -77,9 +78,8 @@ def load_state_dict_file(path: str | Path, flag: str, what: str) -> dict[str, to
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        refused = str(error).split("Unsupported global: GLOBAL ")[-1].split(" ")[0]
         raise UserError(f"{flag}='{path}' holds objects progvae refuses to load (for example "
-                        f"{refused[:80]}); progvae never unpickles code, so pass {what}."
+                        f"{refused_global(error)}); progvae never unpickles code, so pass {what}."
                         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]

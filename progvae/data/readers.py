@@ -148,8 +148,7 @@ def cifar10_recipe(path: Path, image_size: int) -> Recipe:
         if not tarfile.is_tarfile(path):
             raise UserError(f"{path} is not a tar archive; pass cifar-10-binary.tar.gz or the "
                             "folder it extracts to.")
-        read = functools.partial(_cifar10_member, path)
-        names = _cifar10_archive_names(path)
+        read_batches = functools.partial(_cifar10_archive_batches, path)
         files = [path]
     else:
         folder = next((candidate for candidate in (path, path / "cifar-10-batches-bin")
@@ -165,13 +164,14 @@ def cifar10_recipe(path: Path, image_size: int) -> Recipe:
         if missing:
             raise UserError(f"The CIFAR-10 folder {folder} has no {missing[0]}; extract the "
                             "whole cifar-10-binary.tar.gz there.")
-        read = Path.read_bytes
+        read_batches = lambda: {name: file.read_bytes() for name, file in names.items()}  # noqa: E731
         files = list(names.values())
 
     def build(writer: CacheWriter) -> None:
+        batches_by_name = read_batches()
         with _progress(60_000, "cifar10") as bar:
             for split, parts in CIFAR10_FILES.items():
-                batches = [_cifar10_images(read(names[name]), name) for name in parts]
+                batches = [_cifar10_images(batches_by_name[name], name) for name in parts]
                 out = writer.array(split, (sum(len(batch) for batch in batches), 32, 32, 3))
                 offset = 0
                 for batch in batches:
@@ -187,27 +187,28 @@ def cifar10_recipe(path: Path, image_size: int) -> Recipe:
         build=build)
 
 
-def _cifar10_archive_names(archive: Path) -> dict[str, str]:
-    """Member names of the binary batches in the archive, by file name."""
+def _cifar10_archive_batches(archive: Path) -> dict[str, bytes]:
+    """The binary batches in the archive, by file name, read in one pass through it (only when
+    the cache is built: a gzipped tar is read from its start for every lookup)."""
+    wanted = {name for parts in CIFAR10_FILES.values() for name in parts}
+    found: dict[str, bytes] = {}
     with tarfile.open(archive) as opened:
-        members = {Path(member.name).name: member.name for member in opened.getmembers()
-                   if member.isfile()}
-    _refuse_cifar10_python(archive, list(members))
-    wanted = [name for split in CIFAR10_FILES.values() for name in split]
-    missing = [name for name in wanted if name not in members]
+        for member in opened:
+            name = Path(member.name).name
+            if not member.isfile():
+                continue
+            _refuse_cifar10_python(archive, [name])
+            if name in wanted:
+                if member.size > CIFAR10_MAX_RECORDS * CIFAR10_RECORD:
+                    raise UserError(f"{member.name} in {archive} is {member.size} bytes, more "
+                                    "than a CIFAR-10 batch; pass the official "
+                                    "cifar-10-binary.tar.gz.")
+                found[name] = opened.extractfile(member).read()
+    missing = sorted(wanted - set(found))
     if missing:
         raise UserError(f"{archive} has no {missing[0]}; pass the official "
                         f"cifar-10-binary.tar.gz ({CIFAR10_BINARY_URL}).")
-    return {name: members[name] for name in wanted}
-
-
-def _cifar10_member(archive: Path, member: str) -> bytes:
-    with tarfile.open(archive) as opened:
-        info = opened.getmember(member)
-        if info.size > CIFAR10_MAX_RECORDS * CIFAR10_RECORD:
-            raise UserError(f"{member} in {archive} is {info.size} bytes, more than a CIFAR-10 "
-                            "batch; pass the official cifar-10-binary.tar.gz.")
-        return opened.extractfile(info).read()
+    return found
 
 
 def _refuse_cifar10_python(source: Path, names: list[str]) -> None:
@@ -292,12 +293,12 @@ def _imagenet_count(file: Path, resolution: int) -> int:
     try:
         if file.suffix == ".npy":
             with open(file, "rb") as stream:
-                shape, dtype = _npy_header(stream)
+                shape, dtype = npy_header(stream)
             expected = (resolution, resolution, 3)
             ok = len(shape) == 4 and tuple(shape[1:]) == expected
         else:
             with zipfile.ZipFile(file) as archive, archive.open("data.npy") as stream:
-                shape, dtype = _npy_header(stream)
+                shape, dtype = npy_header(stream)
             ok = len(shape) == 2 and shape[1] == 3 * resolution * resolution
     except (KeyError, zipfile.BadZipFile, OSError, ValueError) as error:
         raise UserError(f"Could not read {file} as downsampled ImageNet ({error}); replace it "
@@ -308,7 +309,9 @@ def _imagenet_count(file: Path, resolution: int) -> int:
     return int(shape[0])
 
 
-def _npy_header(stream) -> tuple[tuple, np.dtype]:
+def npy_header(stream) -> tuple[tuple, np.dtype]:
+    """The shape and dtype a .npy array's header declares, read before anything is allocated
+    (a header alone cannot make the reader allocate)."""
     version = np.lib.format.read_magic(stream)
     read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
             else np.lib.format.read_array_header_2_0)

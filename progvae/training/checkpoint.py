@@ -50,6 +50,11 @@ def _numpy_array_globals() -> list:
     return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
+def refused_global(error: pickle.UnpicklingError) -> str:
+    """What a weights-only load refused, from its error: the pickled global it would not run."""
+    return str(error).split("Unsupported global: GLOBAL ")[-1].split(" ")[0][:80]
+
+
 def load_checkpoint(path: Path) -> dict:
     """A checkpoint's contents, loaded without unpickling anything but tensors, numbers,
     strings and containers (`weights_only=True`): a file handed to progvae cannot run code. A
@@ -59,11 +64,10 @@ def load_checkpoint(path: Path) -> dict:
         with torch.serialization.safe_globals(_numpy_array_globals()):
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        refused = str(error).split("Unsupported global: GLOBAL ")[-1].split(" ")[0]
         raise UserError(f"'{path}' holds objects progvae refuses to load (for example "
-                        f"{refused[:80]}): it was not written by progvae or has been altered; "
-                        "progvae never unpickles code, so use a checkpoint written by progvae."
-                        ) from None
+                        f"{refused_global(error)}): it was not written by progvae or has been "
+                        "altered; progvae never unpickles code, so use a checkpoint written "
+                        "by progvae.") from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
         raise UserError(f"'{path}' is not a readable checkpoint ({first_line}); it may be "
