@@ -303,6 +303,91 @@ def export(run: str = "", out: str = "") -> None:
           f"{' with its stage one' if written['with_stage1'] else ''} to {out}.")
 
 
+def compress(run: str = "", images: str = "", out: str = "compressed",
+             num_threads: int = 0) -> None:
+    """Compress images (PNG, JPEG, BMP; any size) with a stage one trained with
+    --latents=quantized: one OUT/NAME.pvc per image, holding one entropy-coded stream per latent
+    group, top group first, so a prefix of the file decodes to a coarser picture. Prints each
+    file's size, bits per pixel and PSNR. --images is a file or a folder.
+
+    Example: python -m progvae compress --run=runs/codec --images=photo.jpg --out=compressed
+    """
+    from progvae.compress import compress_files, image_files, load_codec
+
+    _set_threads(num_threads)
+    files = image_files(images)
+    codec = load_codec(run)
+    compress_files(codec, files, Path(str(out)))
+
+
+def decompress(run: str = "", file: str = "", out: str = "", groups: int | None = None,
+               num_threads: int = 0) -> None:
+    """Decode a .pvc file to a PNG with the run that compressed it. --groups=K decodes only the
+    first K latent groups (the rest at their prior means): the progressive reconstruction from a
+    prefix of the file; a file cut short decodes as far as its complete streams reach.
+
+    Example: python -m progvae decompress --run=runs/codec --file=compressed/photo.pvc
+             --out=photo.png --groups=2
+    """
+    from progvae.compress import decompress_file, load_codec
+
+    _set_threads(num_threads)
+    if groups is not None:
+        _check_number("--groups", groups, 0, integer=True)
+    codec = load_codec(run)
+    done = decompress_file(codec, file, out, groups)
+    print(f"Wrote {done['out']}: {done['width']}x{done['height']} from {done['groups']} of "
+          f"{done['of']} groups ({done['bytes']:,} bytes, {done['bpp']:.3f} bits/pixel, "
+          f"{done['seconds']:.2f} s).")
+
+
+def codec_eval(run: str = "", images: str = "", out: str = "", lpips_weights: str = "",
+               qualities=None, num_threads: int = 0) -> None:
+    """The codec's rate-distortion curve on --images (a file or folder): bits per pixel
+    against PSNR for every prefix of K groups, beside JPEG and WebP (Pillow) at --qualities
+    (default 5,10,20,...,90,95) on the same images; LPIPS too with --lpips_weights. Writes
+    OUT/codec_rd.json and OUT/codec_rd.png (OUT defaults to the run's directory).
+
+    Example: python -m progvae codec-eval --run=runs/codec --images=photos/
+    """
+    from progvae.compress import image_files, load_codec
+    from progvae.evaluation.experiments.codec_rd import QUALITIES, codec_rd
+
+    _set_threads(num_threads)
+    if qualities is None:
+        qualities = QUALITIES
+    elif isinstance(qualities, (int, float)):
+        qualities = (qualities,)
+    for quality in qualities:
+        _check_number("--qualities", quality, 1, integer=True)
+        if quality > 100:
+            raise UserError(f"--qualities holds {quality}; JPEG and WebP qualities are 1..100.")
+    files = image_files(images)
+    codec = load_codec(run)
+    if not out:
+        if not Path(str(run)).is_dir():
+            raise UserError("Pass --out=DIR for codec_rd.json and codec_rd.png.")
+        out = run
+    result = codec_rd(codec, files, Path(str(out)), tuple(int(q) for q in qualities),
+                      lpips_weights, progress=lambda file: print(f"scored {file}"))
+    print(f"{'groups':>6} {'bits/pixel':>10} {'PSNR':>7}")
+    for row in result["progvae"]:
+        print(f"{row['groups']:>6} {row['bpp']:>10.3f} {row['psnr']:>7.2f}")
+    for name, matched in result["at_progvae_full_rate"].items():
+        if matched["psnr"] is not None:
+            print(f"{name.upper()} at {matched['bpp']:.3f} bits/pixel: PSNR {matched['psnr']:.2f}")
+    print(f"Encoding {result['encode_megapixels_per_s']:.3f} megapixels/s, decoding "
+          f"{result['decode_megapixels_per_s']:.3f}. Wrote {Path(str(out)) / 'codec_rd.json'} "
+          f"and codec_rd.png.")
+
+
+def _set_threads(num_threads: int) -> None:
+    _check_number("--num_threads", num_threads, 0, integer=True)
+    if num_threads > 0:
+        import torch
+        torch.set_num_threads(int(num_threads))
+
+
 def vdvae(config: str = "tiny", out: str = "", quiet: bool = False, resume_from: int = 0,
           **overrides) -> None:
     """Train the original VDVAE by the ELBO with its DMoL head (the conventional HVAE of paper
@@ -369,7 +454,7 @@ def report(runs=None, out: str = "", sweep: str = "", lpips_weights: str = "") -
 def bench(config: str = "tiny", model: str = "stage1", batch: int | None = None,
           precision: str = "auto", compile: bool | str = "auto", device: str = "",
           steps: int = 20, warmup: int = 5, out: str = "bench.json", profile: int = 0,
-          suite: str = "", **overrides) -> None:
+          suite: str = "", run: str = "", **overrides) -> None:
     """Measure the training step (images/s, memory, FLOPs and fraction of peak), sampling and
     the data path on synthetic images of the preset's shape; prints and writes bench.json.
 
@@ -379,13 +464,34 @@ def bench(config: str = "tiny", model: str = "stage1", batch: int | None = None,
     most time). Any config field can be overridden, e.g. --checkpoint_activations=True.
     --suite=gpu runs the whole GPU check instead: the svhn preset in fp32, TF32 and
     bf16 + compile, 50,000 pipeline samples and the GPU tests, written to bench_gpu.json.
+    --suite=codec times `compress` and `decompress` of --run (a quantised stage one; default an
+    untrained model of --config, codec32 unless given): images/s on images of the model's size
+    and megapixels/s on a 512x600 photograph, written to bench_codec.json.
     """
     from progvae.config import load_config
     from progvae.evaluation.benchmarks.bench import format_result, run_bench, write_result
 
+    if suite == "codec":
+        from progvae.codec import Codec
+        from progvae.compress import load_codec
+        from progvae.evaluation.benchmarks.codec_bench import format_codec_bench, run_codec_bench
+        from progvae.kinds import KINDS
+
+        if run:
+            codec = load_codec(run)
+        else:
+            preset = "codec32" if config == "tiny" else config
+            settings = load_config(preset, {"latents": "quantized", **overrides})
+            codec = Codec(KINDS["stage1"].build(settings).eval(), f"the {preset} preset")
+        path = "bench_codec.json" if out == "bench.json" else out
+        result = run_codec_bench(codec)
+        print(format_codec_bench(result))
+        write_result({"run": run, **result}, path)
+        print(f"Wrote {path}.")
+        return
     if suite:
         if suite != "gpu":
-            raise UserError(f"--suite must be gpu (the whole GPU check), got '{suite}'.")
+            raise UserError(f"--suite must be gpu (the whole GPU check) or codec, got '{suite}'.")
         from progvae.evaluation.benchmarks.gpu_suite import format_suite, run_gpu_suite
 
         path = "bench_gpu.json" if out == "bench.json" else out
@@ -493,7 +599,8 @@ def _is_main() -> bool:
 
 COMMANDS = {"demo": demo, "stage1": stage1, "stage2": stage2, "joint": joint, "vdvae": vdvae,
             "sample": sample, "sweep": sweep, "evaluate": evaluate, "progressive": progressive,
-            "report": report, "data": data, "bench": bench, "export": export, "plot": plot}
+            "report": report, "data": data, "bench": bench, "export": export, "plot": plot,
+            "compress": compress, "decompress": decompress, "codec-eval": codec_eval}
 
 
 # Commands that take any config field as --field=value: their --help also lists the fields.

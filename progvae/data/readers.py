@@ -583,7 +583,8 @@ def list_images(folder: Path, extensions: set[str] = IMAGE_EXTENSIONS) -> list[s
     return sorted(found, key=lambda file: file.split(os.sep))
 
 
-def _decode_folder_image(file: str, image_size: int, resize: bool, first: str) -> np.ndarray:
+def read_image(file: str | Path) -> np.ndarray:
+    """An image file (PNG, JPEG, BMP, ...) as (H, W, C) uint8, C in {1, 3}."""
     import imageio.v3 as iio
 
     try:
@@ -594,7 +595,11 @@ def _decode_folder_image(file: str, image_size: int, resize: bool, first: str) -
         raise UserError(
             f"Could not read {file} as an image (it is corrupt or not really a PNG, JPEG or BMP); "
             f"remove or replace the file.") from None
-    image = _as_uint8_hwc(image, file)
+    return _as_uint8_hwc(image, str(file))
+
+
+def _decode_folder_image(file: str, image_size: int, resize: bool, first: str) -> np.ndarray:
+    image = read_image(file)
     if resize:
         return resize_image(image, image_size)
     if image.shape[:2] != (image_size, image_size):

@@ -8,7 +8,7 @@ activations go to a head (a 1x1 linear mean head for stage one, paper 003 A.3).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,11 @@ class Encoder(nn.Module):
         return activations
 
 
+# The codec's choice of a latent group: (prior mean, prior log std, posterior mean or None when
+# decoding) -> the latent, each (B, zdim, r, r).
+LatentRule = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
 class GroupOutput(NamedTuple):
     """What a decoder block returns for its latent group z_i, each (B, zdim, r, r) but the
     stream: the new stream (B, width, r, r), the latent it used, the elementwise KL and the
@@ -96,18 +101,23 @@ class DecoderBlock(nn.Module):
 
     def forward(self, stream: torch.Tensor, encoder_activation: torch.Tensor | None = None,
                 given_latent: torch.Tensor | None = None, temperature: float = 1.0,
-                noise: NoiseShard | None = None) -> GroupOutput:
+                noise: NoiseShard | None = None, latent_rule: LatentRule | None = None
+                ) -> GroupOutput:
         """One step of the top-down pass (see `GroupOutput`); `noise` says which slice of the
-        global batch's noise to draw under torchrun."""
+        global batch's noise to draw under torchrun. A `latent_rule` (the codec's) picks the
+        latent from the prior and, given an encoder activation, the posterior mean."""
         prior_mean, prior_logstd, stream_update = self.prior(stream).split(
             [self.zdim, self.zdim, self.width], dim=1)
         kl = posterior = None
-        if encoder_activation is not None:
-            posterior_mean, posterior_logstd = self.posterior(
-                torch.cat([stream, encoder_activation], dim=1)).chunk(2, dim=1)
-            if self.precision_weighted:
-                posterior_mean, posterior_logstd = precision_weighted_merge(
-                    posterior_mean, posterior_logstd, prior_mean, prior_logstd)
+        if latent_rule is not None:
+            posterior_mean = None
+            if encoder_activation is not None:
+                posterior_mean, _ = self._posterior(stream, encoder_activation, prior_mean,
+                                                    prior_logstd)
+            latent = latent_rule(prior_mean, prior_logstd, posterior_mean)
+        elif encoder_activation is not None:
+            posterior_mean, posterior_logstd = self._posterior(stream, encoder_activation,
+                                                               prior_mean, prior_logstd)
             if self.quantized:
                 # Training: the posterior is U(mean - 1/2, mean + 1/2) (zero entropy), so the
                 # KL is the code length of the noisy latent under the box-convolved prior;
@@ -130,6 +140,15 @@ class DecoderBlock(nn.Module):
             latent = gaussian_sample(prior_mean, prior_logstd, temperature, shard=noise)
         stream = stream + stream_update + self.latent_proj(latent)
         return GroupOutput(self.resnet(stream), latent, kl, posterior, (prior_mean, prior_logstd))
+
+    def _posterior(self, stream: torch.Tensor, encoder_activation: torch.Tensor,
+                   prior_mean: torch.Tensor, prior_logstd: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z_i | stream, encoder activation) as (mean, log std)."""
+        mean, logstd = self.posterior(torch.cat([stream, encoder_activation], dim=1)).chunk(2, 1)
+        if self.precision_weighted:
+            mean, logstd = precision_weighted_merge(mean, logstd, prior_mean, prior_logstd)
+        return mean, logstd
 
 
 class Decoder(nn.Module):
@@ -162,7 +181,8 @@ class Decoder(nn.Module):
                 latents: list[torch.Tensor] | None = None, n: int | None = None,
                 temperature: float = 1.0,
                 condition: dict[int, torch.Tensor] | None = None,
-                noise: NoiseShard | None = None) -> dict:
+                noise: NoiseShard | None = None,
+                latent_rule: Callable[[int], LatentRule] | None = None) -> dict:
         """Run the decoder top-down.
 
         - With `encoder_activations`: inference; every z_i ~ q(z_i | z_<i, x), and the KL of each
@@ -174,6 +194,8 @@ class Decoder(nn.Module):
         resolution starts.
 
         `noise` selects this rank's slice of the global batch's noise (`NoiseShard`).
+        `latent_rule(i)` (the codec's) returns the rule that picks group i's latent, with or
+        without encoder activations; it overrides the three ways above.
 
         Returns {"features": (B, width, H, W), "latents": [z_i], "kl": [(B, zdim, r, r)],
         "posteriors": [(mean, log std)] and "priors": [(mean, log std)]}: the groups' inferred
@@ -204,8 +226,9 @@ class Decoder(nn.Module):
                 stream = stream + match_channels(upsampled, block.width)
             activation = encoder_activations[r] if encoder_activations is not None else None
             given_latent = given[index] if index < len(given) else None
+            rule = latent_rule(index) if latent_rule is not None else None
             group = run_block(block, self.checkpointing, stream, activation, given_latent,
-                              temperature, noise)
+                              temperature, noise, rule)
             streams[r] = group.stream
             all_latents.append(group.latent)
             priors.append(group.prior)
