@@ -243,15 +243,13 @@ def evaluate(run: str = "", data: str = "", metrics=None, split: str = "test",
     weights files named above; without them FID and LPIPS stop with a message. Under
     torchrun the images, samples and features are shared out between the processes.
     """
-    import torch
-
     from progvae.evaluation.metrics.evaluate import eval_path, evaluate_run, format_table
 
     if not run:
         raise UserError("Pass --run=RUN, the directory of a trained run (or an exported "
                         "model).")
-    if num_threads > 0:
-        torch.set_num_threads(num_threads)
+    from progvae.training import dist
+    dist.set_cpu_threads(num_threads)
     result = evaluate_run(run, data, metrics, split, n_samples, iw_samples, batch_size,
                           inception_weights, lpips_weights, temperature, seed, dist_timeout,
                           fid_stats)

@@ -59,8 +59,7 @@ def prepare_run(config: Config, out: str | Path, stage: str,
     if not out:
         raise UserError("Pass --out=DIR, the run directory to write (or to continue).")
     dist.setup(config.dist_timeout)
-    if config.num_threads > 0:
-        torch.set_num_threads(config.num_threads)
+    dist.set_cpu_threads(config.num_threads)
     data = load_data_for(config)
     if check_data is not None:
         check_data(data)

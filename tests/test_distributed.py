@@ -314,3 +314,17 @@ def test_fid_reference_statistics_are_computed_once_shared_over_the_ranks(tmp_pa
     assert np.allclose(shared["mu"], alone["mu"], atol=1e-5)
     assert np.allclose(shared["sigma"], alone["sigma"], atol=1e-5)
     assert np.array_equal(np.load(cached)["mu"], shared["mu"])   # rank 0 wrote the cache
+
+
+@pytest.mark.parametrize("requested, environ, cores, expected", [
+    (0, {}, 16, 0),                                                   # one process: torch's own
+    (0, {"LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}, 16, 8),    # torchrun's default "1"
+    (0, {"LOCAL_WORLD_SIZE": "4"}, 16, 4),
+    (0, {"LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}, 2, 1),     # this machine: 1 each
+    (0, {"LOCAL_WORLD_SIZE": "3"}, 2, 1),                             # never 0 threads
+    (0, {"LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "3"}, 16, 0),    # the user's OMP setting
+    (5, {"LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}, 16, 5),    # --num_threads wins
+])
+def test_processes_on_one_machine_share_its_cores(requested, environ, cores, expected):
+    from progvae.training.dist import cpu_threads
+    assert cpu_threads(requested, environ, cores) == expected

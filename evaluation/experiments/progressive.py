@@ -123,8 +123,7 @@ def run_progressive(vdvae_run: str | Path, out: str | Path, data_spec: str = "",
     config = apply_overrides(config, {"data": data_spec or config.data,
                                       "steps": steps or max(1, config.steps // 2),
                                       **(overrides or {})}, "the command line")
-    if config.num_threads > 0:
-        torch.set_num_threads(config.num_threads)
+    dist.set_cpu_threads(config.num_threads)
     max_resolution = max_resolution or max(1, config.image_size // 8)
     n_groups = groups_up_to(vdvae, max_resolution)
     out = Path(out)

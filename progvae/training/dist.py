@@ -47,6 +47,35 @@ def setup(timeout_seconds: float) -> None:
                         f"({str(error).splitlines()[0]}); check that every node was started.")
 
 
+def set_cpu_threads(requested: int = 0) -> int:
+    """Set this process's torch CPU threads (see `cpu_threads`); returns the count in effect."""
+    threads = cpu_threads(requested, os.environ, usable_cores())
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def cpu_threads(requested: int, environ, cores: int) -> int:
+    """The threads a process should use, or 0 for torch's own choice: `requested` (--num_threads)
+    when > 0; else, with several processes on this machine (torchrun's LOCAL_WORLD_SIZE), the
+    cores divided among them. torchrun sets OMP_NUM_THREADS=1 in every process unless it is
+    already set, so "1" counts as unset here (pass --num_threads=1 for one thread); any other
+    OMP_NUM_THREADS is the user's and torch already follows it."""
+    if requested > 0:
+        return requested
+    local = int(environ.get("LOCAL_WORLD_SIZE") or 1)
+    if local <= 1 or environ.get("OMP_NUM_THREADS", "1") != "1":
+        return 0
+    return max(1, cores // local)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, else the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def cleanup() -> None:
     if is_distributed():
         torch_dist.destroy_process_group()
