@@ -417,7 +417,9 @@ def progressive(run: str = "", out: str = "", data: str = "", max_resolution: in
     VDVAE frozen); then the inference path and that decoder are trained --steps more with the
     rate target R_K (controller `rate`), giving R'_K and an upper bound on lambda*. --steps
     defaults to half the VDVAE's steps (the paper: 400K after 800K). Other --field=value
-    overrides apply to both training runs (e.g. --lr, --multiplier_init, --num_threads).
+    overrides apply to both training runs (e.g. --lr, --multiplier_init, --num_threads;
+    --masked=sample|mean: the groups after K drawn from the new decoder's prior, as the paper
+    does, or at its mean).
     Writes OUT/table.md, table.json, reconstructions.png; re-running resumes.
     """
     from progvae.evaluation.experiments.progressive import run_progressive

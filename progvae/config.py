@@ -131,6 +131,9 @@ class Config:
                               minimum=0)
     latent_groups: int = option(0, "progressive runs: the leading latent groups coded (K; set "
                                 "by the experiment)", minimum=0)
+    masked: str = option("sample", "progressive runs: the groups after K, drawn from their "
+                         "prior (sample, as paper 003 A.2 via VDVAE's forward_manual_latents) or "
+                         "at its mean (mean)", choices=("sample", "mean"))
 
     # --- bookkeeping --------------------------------------------------------------------------
     log_every: int = option(50, "steps between metrics.jsonl lines", minimum=1)
@@ -171,6 +174,7 @@ class Config:
 ARCHITECTURE_FIELDS = (
     "image_size", "image_channels", "enc_blocks", "dec_blocks", "width", "custom_width", "zdim",
     "bottleneck_multiple", "precision_weighted_merge", "n_mixtures", "latent_groups", "latents",
+    "masked",
 )
 
 

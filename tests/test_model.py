@@ -159,3 +159,27 @@ def test_precision_weighted_merge_option_builds_and_runs():
 def test_mismatched_block_strings_are_rejected():
     with pytest.raises(UserError, match="image size"):
         _model("digits", image_size=32)
+
+
+@pytest.mark.parametrize("masked", ["sample", "mean"])
+def test_the_masked_coder_draws_or_fixes_the_groups_after_k(masked):
+    from progvae.models.masked_coder import MaskedCoder
+    config = load_config("digits", {"width": 8, "zdim": 4, "enc_blocks": "16d2,8d2,4d4,1x1",
+                                    "dec_blocks": "1x1,4m1,8m4,16m8", "image_channels": 1,
+                                    "latent_groups": 1, "masked": masked})
+    torch.manual_seed(0)
+    coder = MaskedCoder.from_config(config).eval()
+    with torch.no_grad():   # priors that depend on the stream, so a sample differs from the mean
+        for block in coder.decoder.blocks:
+            last = [m for m in block.prior.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+            last.bias.normal_(0, 0.5)
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    torch.manual_seed(1)
+    latents = coder.inference(x)["latents"][:1]
+    first = coder.decoder(latents=latents, temperature=coder.masked_temperature)["features"]
+    second = coder.decoder(latents=latents, temperature=coder.masked_temperature)["features"]
+    assert torch.equal(first, second) == (masked == "mean")
+
+
+def test_the_paper_samples_the_masked_groups_by_default():
+    assert load_config("digits", {}).masked == "sample"

@@ -5,8 +5,10 @@ z_{1:K} (those at resolution <= R; the paper uses R = image size / 8) and measur
 
 - R_K: the held-out KL of the first K groups, KL(q(z_{1:K} | x) || p(z_{1:K})), nats/dim.
 - D_K: the held-out MSE of a *new* decoder trained on z_{1:K} ~ q from the frozen VDVAE:
-  a fresh VDVAE decoder with a linear mean head, the remaining groups masked (set to its own
-  prior means, so the decoder is a deterministic function of z_{1:K}).
+  a fresh VDVAE decoder with a linear mean head, the remaining groups masked: drawn from its
+  own prior (`--masked=sample`, the default and the paper's, whose masked decoder is VDVAE's
+  forward_manual_latents) or set to its prior means (`--masked=mean`, a deterministic function
+  of z_{1:K}).
 - gamma-optimal training with the rate target gamma = R_K: the VDVAE's inference path (its
   encoder and the top K groups' posteriors and priors, starting from the trained weights)
   paired with a masked decoder of the same architecture and fresh initialisation as D_K's,

@@ -15,15 +15,18 @@ from progvae.models.vdvae import VDVAE
 class MaskedCoder(nn.Module):
     """`inference` gives q(z_{1:K} | x) and p(z_{1:K}) (a VDVAE's encoder and the top of its
     top-down path); `decoder` and `head` (a second VDVAE's decoder and linear head) decode
-    z_{1:K} with the later groups at their prior means.
+    z_{1:K} with the later groups drawn from their prior (`masked="sample"`, the paper's: VDVAE's
+    forward_manual_latents samples every group it is not given) or at its mean ("mean").
 
     `forward(x)` returns {"output": x_hat (B, C, H, W), "rate": (B,) KL of the first K groups
     in nats per dimension, "kl", "latents"}; `head` is the linear head, so stage one's
     rate-distortion objective and terms apply unchanged.
     """
 
-    def __init__(self, inference: VDVAE, decoder_source: VDVAE, n_groups: int):
+    def __init__(self, inference: VDVAE, decoder_source: VDVAE, n_groups: int,
+                 masked: str = "sample"):
         super().__init__()
+        self.masked_temperature = {"sample": 1.0, "mean": 0.0}[masked]
         self.inference = inference
         self.decoder = decoder_source.decoder
         self.head = decoder_source.head
@@ -37,7 +40,8 @@ class MaskedCoder(nn.Module):
             raise UserError("This progressive run does not record how many latent groups it "
                             "codes (an older progvae wrote it); run `progvae progressive` again "
                             "on a new --out to recreate it.")
-        return cls(VDVAE(config, head="dmol"), VDVAE(config, head="linear"), config.latent_groups)
+        return cls(VDVAE(config, head="dmol"), VDVAE(config, head="linear"), config.latent_groups,
+                   config.masked)
 
     @property
     def dims_per_image(self) -> int:
@@ -47,7 +51,8 @@ class MaskedCoder(nn.Module):
         inferred = self.inference(x, noise=noise)
         latents, kl = inferred["latents"][:self.n_groups], inferred["kl"][:self.n_groups]
         rate = torch.stack(kl, dim=1).sum(1) / self.dims_per_image
-        features = self.decoder(latents=latents, temperature=0.0)["features"]
+        features = self.decoder(latents=latents, temperature=self.masked_temperature,
+                                noise=noise)["features"]
         return {"output": self.head(features), "rate": rate, "kl": kl, "latents": latents}
 
     @torch.no_grad()
@@ -56,8 +61,9 @@ class MaskedCoder(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0) -> torch.Tensor:
-        """Mean decodings of z_{1:K} ~ p(z_{1:K}) at `temperature` (later groups at their
-        prior means): (n, C, H, W) in [-1, 1]."""
+        """Mean decodings of z_{1:K} ~ p(z_{1:K}) at `temperature` (later groups as in
+        training): (n, C, H, W) in [-1, 1]."""
         latents = self.inference.decoder(n=n, temperature=temperature)["latents"]
-        features = self.decoder(latents=latents[:self.n_groups], temperature=0.0)["features"]
+        features = self.decoder(latents=latents[:self.n_groups],
+                                temperature=self.masked_temperature)["features"]
         return self.head.mean(self.head(features))
