@@ -155,6 +155,14 @@ def _with_header_field(data: bytes, index: int, value) -> bytes:
     return body + struct.pack("<I", zlib.crc32(body)) + data[header.size:]
 
 
+def _with_symbol_crc(data: bytes, group: int, value: int) -> bytes:
+    """The file with one group's symbol checksum changed (as if the decoding machine computed
+    other prior scales) and the header's CRC made valid."""
+    header = read_header(data, "test")
+    header.symbol_crcs[group] = value
+    return header.pack() + data[header.size:]
+
+
 @pytest.fixture(scope="module")
 def bad_files(exported, tmp_path_factory):
     folder = tmp_path_factory.mktemp("bad")
@@ -171,6 +179,7 @@ def bad_files(exported, tmp_path_factory):
         "version": good[:4] + bytes([9]) + good[5:],
         "header_bit": good[:12] + bytes([good[12] ^ 1]) + good[13:],
         "stream_bit": bytes(flipped),
+        "symbol_crc": _with_symbol_crc(good, 0, header.symbol_crcs[0] ^ 1),
         "huge": _with_header_field(good, 3, 1 << 30),
         "huge_batch": _with_header_field(good, 7, 60000),
     }
@@ -187,7 +196,8 @@ def bad_files(exported, tmp_path_factory):
     ("header_cut", [], "truncated inside its header"),
     ("version", [], "format version 9"),
     ("header_bit", [], "header fails its checksum"),
-    ("stream_bit", [], "symbols fail their checksum"),
+    ("stream_bit", [], "does not decode"),   # a checksum, or the coder itself, notices
+    ("symbol_crc", [], "group 1's symbols fail their checksum"),
     ("huge", [], "beyond what progvae writes"),
     ("huge_batch", [], "beyond what progvae writes"),
     ("photo", ["--groups=9"], "outside 0..4"),

@@ -227,3 +227,34 @@ def test_bin_probabilities_match_a_float64_cdf_difference():
     resolvable = reference > 1e-6  # where the float64 difference itself is accurate
     assert resolvable.sum() > 1000
     assert torch.allclose(ours[resolvable].exp(), reference[resolvable], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("mean, log_scale", [
+    (-0.9, math.log(0.3)),    # much of the mass in the lowest bin: the old mean was 0.1 off
+    (0.95, math.log(0.2)),
+    (0.0, math.log(0.05)),
+    (-1.3, -7.0),             # beyond the edge, a tiny scale: all mass on level 0
+    (0.3, 2.0),               # nearly flat over [-1, 1]
+])
+def test_the_mean_is_the_exact_expectation_over_the_256_levels(mean, log_scale):
+    """Grayscale with two components: the head's mean equals sum_v v P(v) from the pmf."""
+    head = DmolHead(width=1, image_channels=1, n_mixtures=2)
+    params = torch.tensor([0.4, -0.2, mean, mean / 2, log_scale, log_scale + 0.5]).view(1, 6, 1, 1)
+    pmf = dmol_log_probs_all_levels(params, 1, 2).exp()[0, 0, :, 0, 0].double()
+    levels = torch.arange(256, dtype=torch.float64) / 127.5 - 1
+    assert head.mean(params).item() == pytest.approx((pmf * levels).sum().item(), abs=2e-6)
+
+
+def test_the_rgb_mean_is_exact_for_red_and_near_for_the_coupled_channels():
+    """Means near and beyond the edges, trained-model scales (e^-5..e^-3), strong coupling."""
+    head = DmolHead(width=1, image_channels=3, n_mixtures=2)
+    params = random_params(1, 3, 2, height=4, width=4, seed=3)
+    params[:, 2:8] = params[:, 2:8].clamp(-1.3, 1.3)      # component means
+    params[:, 8:14] = params[:, 8:14].clamp(-5.0, -3.0)   # log-scales
+    mean = head.mean(params)[0].double()
+    red_pmf = dmol_log_probs_all_levels(params, 3, 2, x=torch.zeros(1, 3, 4, 4)).exp()[0, 0]
+    levels = torch.arange(256, dtype=torch.float64).view(256, 1, 1) / 127.5 - 1
+    assert torch.allclose(mean[0], (red_pmf.double() * levels).sum(0), atol=2e-6)
+    torch.manual_seed(0)
+    samples = head.sample(params.expand(100_000, -1, -1, -1)).double().mean(0)
+    assert torch.allclose(mean, samples, atol=0.015)

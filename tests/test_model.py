@@ -183,3 +183,13 @@ def test_the_masked_coder_draws_or_fixes_the_groups_after_k(masked):
 
 def test_the_paper_samples_the_masked_groups_by_default():
     assert load_config("digits", {}).masked == "sample"
+
+
+def test_every_convolution_bias_starts_at_zero_as_in_vdvae():
+    config = load_config("digits", {"image_channels": 1})
+    for head in ("linear", "dmol"):
+        model = VDVAE(config, head=head)
+        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert len(convs) > 20
+        assert all(torch.count_nonzero(m.bias) == 0 for m in convs)
+        assert any(torch.count_nonzero(m.weight) > 0 for m in convs)

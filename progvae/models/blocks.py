@@ -78,7 +78,11 @@ def match_channels(t: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 def conv(in_channels: int, out_channels: int, kernel: int) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2)
+    """A same-padded convolution whose bias starts at zero, as every convolution of VDVAE does
+    (openai/vdvae `get_conv`); the weights keep PyTorch's default initialisation."""
+    layer = nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2)
+    nn.init.zeros_(layer.bias)
+    return layer
 
 
 class Block(nn.Module):

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from progvae.models.blocks import conv
+
 N_LEVELS = 256
 HALF_BIN = 1.0 / 255.0  # half the width of one bin on the [-1, 1] scale
 EDGE = 0.999  # data below -EDGE is the lowest level, above +EDGE the highest
@@ -172,6 +174,21 @@ def dmol_log_probs_all_levels(params: torch.Tensor, image_channels: int, n_mixtu
     return torch.logsumexp(log_weights.unsqueeze(3) + log_probs, dim=2)
 
 
+def discretized_logistic_mean(mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """E[x] under a logistic(mean, e^log_scale) discretised to the 256 levels, the edge bins
+    taking the tails (as `discretized_logistic_log_prob`): with the 255 boundaries b_j between
+    levels, spaced 2/255 apart, E[x] = 1 - (2/255) sum_j sigmoid((b_j - mean) / scale), since
+    each boundary the value exceeds adds one level. Same shape as `mean`; float32."""
+    mean, inv_scale = mean.float(), torch.exp(-log_scale.float())
+    total = torch.zeros_like(mean)
+    boundaries = (torch.arange(N_LEVELS - 1, device=mean.device, dtype=torch.float32)
+                  * (2 * HALF_BIN) - 1 + HALF_BIN)
+    for chunk in boundaries.split(16):   # bounded memory: 16 copies of the input at a time
+        shifted = (chunk.view(-1, *([1] * mean.dim())) - mean) * inv_scale
+        total += torch.sigmoid(shifted).sum(0)
+    return 1.0 - 2 * HALF_BIN * total
+
+
 def quantize(image: torch.Tensor) -> torch.Tensor:
     """Clamp to [-1, 1] and round to the nearest of the 256 levels v/127.5 - 1."""
     return torch.round((image.clamp(-1, 1) + 1) * 127.5) / 127.5 - 1
@@ -192,7 +209,7 @@ class DmolHead(nn.Module):
         self.image_channels = image_channels
         self.n_mixtures = n_mixtures
         self.min_log_scale = min_log_scale
-        self.proj = nn.Conv2d(width, n_dmol_params(image_channels, n_mixtures), kernel_size=1)
+        self.proj = conv(width, n_dmol_params(image_channels, n_mixtures), 1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:  # (B, width, H, W) -> (B, P, H, W)
         return self.proj(features)
@@ -217,22 +234,27 @@ class DmolHead(nn.Module):
         return -log_prob.flatten(1).sum(1) / (self.image_channels * log_prob[0].numel())
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:
-        """Expected image under the mixture, clamped to [-1, 1]: (B, C, H, W).
+        """Expected image under the mixture, on the 256-level grid's range [-1, 1]: (B, C, H, W).
 
-        Each component's channel means are coupled through the lower channels' component
-        means (the expectation of the coupling, which is linear). The expectation is that of
-        the continuous logistics: it ignores the edge bins' clamping, hence the final clamp.
+        Each component's channel expectation is that of the discretised logistic, edge bins
+        included (`discretized_logistic_mean`), so it is exact for grayscale and for red. Green
+        and blue are coupled to the lower channels' expected values within the component (the
+        coupling is linear; what is left out is only the discretisation's curvature over the
+        lower channel's spread, at most about one bin).
         """
         mixture = self.split(params)
-        means = mixture.means
+        means, scales = mixture.means, mixture.log_scales
         if self.image_channels == 3:
             c = mixture.coeffs
-            red = means[:, 0]
-            green = means[:, 1] + c[:, 0] * red
-            blue = means[:, 2] + c[:, 1] * red + c[:, 2] * green
-            means = torch.stack([red, green, blue], dim=1)
+            red = discretized_logistic_mean(means[:, 0], scales[:, 0])
+            green = discretized_logistic_mean(means[:, 1] + c[:, 0] * red, scales[:, 1])
+            blue = discretized_logistic_mean(means[:, 2] + c[:, 1] * red + c[:, 2] * green,
+                                             scales[:, 2])
+            expected = torch.stack([red, green, blue], dim=1)
+        else:
+            expected = discretized_logistic_mean(means, scales)
         weights = torch.softmax(mixture.logits, dim=1).unsqueeze(1)  # (B, 1, K, H, W)
-        return (weights * means).sum(2).clamp(-1, 1)
+        return (weights * expected).sum(2)
 
     @torch.no_grad()
     def sample(self, params: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

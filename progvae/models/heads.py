@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from progvae.models.blocks import conv
+
 
 class LinearHead(nn.Module):
     """A 1x1 convolution predicting the image mean (paper 003 A.3, stage one).
@@ -20,7 +22,7 @@ class LinearHead(nn.Module):
 
     def __init__(self, width: int, image_channels: int):
         super().__init__()
-        self.proj = nn.Conv2d(width, image_channels, kernel_size=1)
+        self.proj = conv(width, image_channels, 1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:  # (B, width, H, W) -> (B, C, H, W)
         return self.proj(features)

@@ -93,7 +93,7 @@ class DecoderBlock(nn.Module):
         # p(z_i | stream) plus a feature update of the stream; zero-initialised so every prior
         # starts as N(0, I) and the stream starts unchanged.
         self.prior = Block(width, middle, 2 * zdim + width, spatial=spatial, zero_last=True)
-        self.latent_proj = nn.Conv2d(zdim, width, 1)
+        self.latent_proj = conv(zdim, width, 1)
         with torch.no_grad():
             self.latent_proj.weight.mul_(scale)
         self.resnet = Block(width, middle, width, spatial=spatial, residual=True,
