@@ -142,7 +142,7 @@ class Codec:
         predicted_nats = 0.0
         decoded_tiles = []
         for start in range(0, len(tiles), batch):
-            x = tiles[start:start + batch]
+            x = tiles[start:start + batch].double().div(127.5).sub(1.0)
             picked: list[tuple[np.ndarray, np.ndarray]] = []
             nats = []
 
@@ -220,7 +220,9 @@ class Codec:
 
     # --- helpers -----------------------------------------------------------------------------
     def _pixels(self, features: torch.Tensor) -> torch.Tensor:
-        return self.network.head.mean(self.network.head(features)).clamp(-1.0, 1.0)
+        """The decoded tiles as uint8 (N, C, tile, tile), kept batch by batch."""
+        mean = self.network.head.mean(self.network.head(features))
+        return mean.add(1.0).mul(127.5).clamp(0, 255).round().to(torch.uint8)
 
     def channels_of(self, image: np.ndarray) -> np.ndarray:
         if image.shape[2] == self.channels:
@@ -298,20 +300,20 @@ def read_pvc(path: str | Path) -> bytes:
 
 # --- tiles ---------------------------------------------------------------------------------------
 def to_tiles(image: np.ndarray, tile: int) -> tuple[torch.Tensor, int, int]:
-    """(H, W, C) uint8 -> tiles (N, C, tile, tile) float64 on [-1, 1] in raster order, padded
-    by repeating the edge pixels, and the tile rows and columns."""
+    """(H, W, C) uint8 -> tiles (N, C, tile, tile) uint8 in raster order, padded by repeating
+    the edge pixels, and the tile rows and columns."""
     height, width, channels = image.shape
     padded = np.pad(image, ((0, -height % tile), (0, -width % tile), (0, 0)), mode="edge")
     rows, cols = padded.shape[0] // tile, padded.shape[1] // tile
     tiles = padded.reshape(rows, tile, cols, tile, channels).transpose(0, 2, 4, 1, 3)
     tiles = torch.from_numpy(np.ascontiguousarray(tiles.reshape(-1, channels, tile, tile)))
-    return tiles.double().div(127.5).sub(1.0), rows, cols
+    return tiles, rows, cols
 
 
 def from_tiles(tiles: torch.Tensor, rows: int, cols: int, height: int, width: int) -> np.ndarray:
-    """The inverse of `to_tiles`, cropped to (height, width): (H, W, C) uint8."""
+    """The inverse of `to_tiles` (uint8 tiles), cropped to (height, width): (H, W, C) uint8."""
     _, channels, tile, _ = tiles.shape
-    pixels = tiles.add(1.0).mul(127.5).clamp(0, 255).round().to(torch.uint8).numpy()
+    pixels = tiles.numpy()
     canvas = pixels.reshape(rows, cols, channels, tile, tile).transpose(0, 3, 1, 4, 2)
     return np.ascontiguousarray(canvas.reshape(rows * tile, cols * tile, channels)[:height, :width])
 

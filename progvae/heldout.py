@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from progvae.training import dist
-from progvae.data.loading import to_model_input
+from progvae.data.loading import device_batch
 from progvae.kinds import RunKind
 
 HELDOUT_SEED = 0          # the seed of every held-out evaluation unless `evaluate --seed` says
@@ -59,18 +59,19 @@ def split_means(terms: Callable[[torch.Tensor], dict[str, torch.Tensor]], images
                 batch_size: int, seed: int, device: torch.device) -> dict:
     """Means over every image of `images` (uint8 NHWC) of the per-image `terms(x)`, each (B,)
     or (B, k). Under torchrun each rank takes its share under its own seed and the sums are
-    added across ranks, so every image counts exactly once."""
+    added across ranks, so every image counts exactly once. The sums stay on the device until
+    the end: one copy to the host per term, not one per batch."""
     totals: dict[str, torch.Tensor] = collections.defaultdict(float)
     local = images[dist.shard(len(images))]
     with seeded(seed + RANK_SEED_STRIDE * dist.rank(), device):
         for start in range(0, len(local), batch_size):
-            x = to_model_input(torch.from_numpy(local[start:start + batch_size])).to(device)
+            x = device_batch(local[start:start + batch_size], device)
             for name, value in terms(x).items():
-                totals[name] = totals[name] + value.double().sum(0).cpu()
+                totals[name] = totals[name] + value.double().sum(0)
     if not totals:   # more ranks than images: this rank learns the names from one image
         with seeded(seed, device):
-            one = to_model_input(torch.from_numpy(images[:1])).to(device)
-            totals = {name: value.double().sum(0).cpu() * 0 for name, value in terms(one).items()}
+            one = device_batch(images[:1], device)
+            totals = {name: value.double().sum(0) * 0 for name, value in terms(one).items()}
     means: dict = {}
     for name in sorted(totals):   # the same order on every rank, for the collectives
         total = dist.sum_across_ranks(totals[name].to(dist.collective_device())).cpu()

@@ -34,6 +34,10 @@ class Stage1Objective:
     def after_update(self, metrics: dict[str, float]) -> None:
         self.controller.update(metrics["rate"], metrics["distortion"])
 
+    def to(self, device: torch.device) -> None:
+        """The controller's loss inputs on the training device (progvae.training.controllers)."""
+        self.controller.to(device)
+
     def log_values(self) -> dict[str, float]:
         return {"multiplier": self.controller.multiplier}
 

@@ -455,3 +455,27 @@ def test_the_warning_gives_the_figures():
     warning = constraint_warning(summary)
     assert "held-out distortion is 0.0125 (+25.0%)" in warning
     assert "at its limit for 80% of the updates" in warning
+
+
+@pytest.mark.parametrize("name", ["lagrangian", "geco", "dco", "rate"])
+def test_a_moving_multiplier_never_recompiles_the_loss(name):
+    """The loss reads the multiplier (and GECO's average) from a tensor updated in place, so a
+    compiled training step is compiled once however the controller moves."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    config = load_config("digits", {"controller": name, "distortion_target": 0.02,
+                                    "rate_target": 0.05})
+    controller = build_controller(config)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(controller.loss, backend="eager", fullgraph=True)
+    rate = torch.tensor(0.1, requires_grad=True)
+    distortion = torch.tensor(0.03, requires_grad=True)
+    values = []
+    for step in range(6):
+        values.append(compiled(rate, distortion).item())
+        assert values[-1] == pytest.approx(controller.loss(rate, distortion).item(), rel=1e-6)
+        controller.update(0.1 + 0.02 * step, 0.01 - 0.001 * step)   # R high, D low: it moves
+    assert counters["stats"]["unique_graphs"] == 1
+    assert len(set(values)) == len(values)   # every update moved the loss, compiled or not
+    torch._dynamo.reset()

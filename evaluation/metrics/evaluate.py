@@ -28,7 +28,7 @@ import torch
 
 from progvae.training import dist
 from progvae.atomic import atomic_write_json, flag_non_finite
-from progvae.data.loading import load_data_for, to_model_input
+from progvae.data.loading import device_batch, load_data_for, to_model_input
 from progvae.errors import UserError
 from progvae.evaluation.metrics.elbo import importance_weighted_metrics
 from progvae.heldout import HELDOUT_SEED, RANK_SEED_STRIDE, heldout_metrics, seeded
@@ -67,12 +67,13 @@ def reconstructions(kind: RunKind, model, images: np.ndarray, batch_size: int
     device = next(model.parameters()).device
     finals, firsts = [], []
     for start in range(0, len(images), batch_size):
-        x = to_model_input(torch.from_numpy(images[start:start + batch_size])).to(device)
-        final, x_tilde = kind.reconstruct(model, x)
-        finals.append(final.cpu())
+        final, x_tilde = kind.reconstruct(model, device_batch(images[start:start + batch_size],
+                                                              device))
+        finals.append(final)
         if x_tilde is not None:
-            firsts.append(x_tilde.cpu())
-    return torch.cat(finals), (torch.cat(firsts) if firsts else None)
+            firsts.append(x_tilde)
+    # one copy to the host at the end, not one per batch
+    return torch.cat(finals).cpu(), (torch.cat(firsts).cpu() if firsts else None)
 
 
 def evaluate_run(run: str | Path, data_spec: str = "", metrics=None, split: str = "test",
@@ -111,10 +112,11 @@ def evaluate_run(run: str | Path, data_spec: str = "", metrics=None, split: str 
         given_statistics["fid"] = read_statistics(fid_stats)
     if "fid" in names:
         from progvae.evaluation.metrics.fid import FidScorer
-        fid_scorers["fid"] = FidScorer("inception", inception_weights or None)
+        fid_scorers["fid"] = FidScorer("inception", inception_weights or None,
+                                       batch_size=batch_size)
     if "fid_digits" in names:
         from progvae.evaluation.metrics.fid import FidScorer
-        fid_scorers["fid_digits"] = FidScorer("digits")
+        fid_scorers["fid_digits"] = FidScorer("digits", batch_size=batch_size)
     lpips_scorer = None
     if "lpips" in names:
         from progvae.evaluation.metrics.lpips_metric import LpipsScorer

@@ -174,6 +174,17 @@ def to_model_input(batch_uint8: torch.Tensor) -> torch.Tensor:
     return batch_uint8.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
 
 
+def device_batch(images: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """uint8 NHWC images as model input on `device`: the uint8 pixels travel (from pinned
+    memory, without blocking, on CUDA) and are converted there, a quarter of the bytes of
+    float32 and no conversion on the host."""
+    device = torch.device(device)
+    pixels = torch.from_numpy(np.ascontiguousarray(images))
+    if device.type == "cuda":
+        pixels = pixels.pin_memory()
+    return to_model_input(pixels.to(device, non_blocking=True))
+
+
 def to_uint8_images(x: torch.Tensor) -> np.ndarray:
     """(B, C, H, W) float on the [−1, 1] scale → (B, H, W, C) uint8, clamped and rounded.
 

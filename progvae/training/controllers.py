@@ -4,7 +4,11 @@ The interface every controller keeps:
 
 - `loss(rate, distortion)`: the scalar to minimise. The multiplier enters as a constant: no
   gradient flows into it from the model's loss, and `loss` changes no state (the trainer also
-  calls it on held-out batches).
+  calls it on held-out batches). What it reads that changes between updates (the multiplier,
+  GECO's average) it reads from `loss_inputs`, a small tensor on the training device that
+  `update` overwrites in place: a compiled training step sees it as an input, so a new value
+  never recompiles it (a Python float would be a constant of the compiled graph, and a CUDA
+  graph would have to be recaptured), and setting it needs no copy back to the host.
 - `update(rate, distortion)`: one multiplier step from the rate and distortion of the update the
   trainer just applied, as plain floats already averaged over the batch (under DDP: over every
   rank's batch, so every rank takes the same step).
@@ -69,6 +73,31 @@ class Controller:
         self.target = target
         self.updates = 0             # multiplier updates taken
         self.saturated_updates = 0   # of which ended with the multiplier saturated
+        self._inputs: torch.Tensor | None = None
+
+    @property
+    def loss_inputs(self) -> torch.Tensor:
+        """The changing values `loss` reads (`input_values`), as one float32 tensor; it lives on
+        the device `to` moved it to and is overwritten in place after every update."""
+        if self._inputs is None:
+            self._inputs = torch.tensor(self.input_values(), dtype=torch.float32)
+        return self._inputs
+
+    def to(self, device: torch.device | str) -> "Controller":
+        """Keep `loss_inputs` on `device` (the training device)."""
+        self._inputs = self.loss_inputs.to(device)
+        return self
+
+    def input_values(self) -> list[float]:
+        """What `loss` reads that updates change: by default the multiplier."""
+        return [self.multiplier]
+
+    def _publish(self) -> None:
+        """Write the current values into `loss_inputs` in place (a scalar fill each: no
+        host-device synchronisation)."""
+        inputs = self.loss_inputs
+        for index, value in enumerate(self.input_values()):
+            inputs[index].fill_(value)
 
     # -- the interface -------------------------------------------------------------------------
     def loss(self, rate: torch.Tensor, distortion: torch.Tensor) -> torch.Tensor:
@@ -78,6 +107,7 @@ class Controller:
         self.step(float(rate), float(distortion))
         self.updates += 1
         self.saturated_updates += int(self.saturated())
+        self._publish()
 
     @property
     def multiplier(self) -> float:
@@ -107,6 +137,7 @@ class Controller:
         self.updates = state.get("updates", 0)
         self.saturated_updates = state.get("saturated_updates", 0)
         self.load_extra_state(state)
+        self._publish()
 
     # -- for subclasses ------------------------------------------------------------------------
     def step(self, rate: float, distortion: float) -> None:
@@ -163,8 +194,7 @@ class LagrangianController(Controller):
         return self.lam_value
 
     def _sync(self) -> None:
-        """Mirror lam in a float: `loss` reads no tensor, so torch.compile traces it without a
-        graph break (a float attribute that changes becomes a symbolic input)."""
+        """Mirror lam in a float, for logs and for `loss_inputs`."""
         self.lam_value = float(self.lam.detach())
 
     def constrained_value(self, rate: float, distortion: float) -> float:
@@ -172,7 +202,7 @@ class LagrangianController(Controller):
         return distortion
 
     def loss(self, rate: torch.Tensor, distortion: torch.Tensor) -> torch.Tensor:
-        lam = self.multiplier
+        lam = self.loss_inputs[0]
         return (1.0 - lam) * rate + lam * distortion
 
     def step(self, rate: float, distortion: float) -> None:
@@ -242,7 +272,7 @@ class RateController(LagrangianController):
         return rate
 
     def loss(self, rate: torch.Tensor, distortion: torch.Tensor) -> torch.Tensor:
-        eta = self.multiplier
+        eta = self.loss_inputs[0]
         return (1.0 - eta) * distortion + eta * rate
 
 
@@ -294,17 +324,25 @@ class GECOController(Controller):
     def multiplier(self) -> float:
         return math.exp(self.log_lam)
 
-    def _next_average(self, constraint):
-        """C_ma^t from C_ma^(t-1) and this batch's (detached) C_hat^t; a float or a tensor."""
+    def _next_average(self, constraint: float) -> float:
+        """C_ma^t from C_ma^(t-1) and this batch's C_hat^t."""
         if self.constraint_average is None:
             return constraint
         return self.ema * self.constraint_average + (1.0 - self.ema) * constraint
 
+    def input_values(self) -> list[float]:
+        """lam, C_ma (0 before the first update) and whether C_ma has started (1 or 0)."""
+        started = self.constraint_average is not None
+        return [self.multiplier, self.constraint_average if started else 0.0, float(started)]
+
     def loss(self, rate: torch.Tensor, distortion: torch.Tensor) -> torch.Tensor:
-        lam = self.multiplier
+        lam, previous, started = self.loss_inputs.unbind()
         batch_constraint = distortion - self.target                      # C_hat, differentiable
-        average = self._next_average(batch_constraint.detach())          # C_ma, a constant
-        constraint = batch_constraint + (average - batch_constraint.detach())   # C^t
+        detached = batch_constraint.detach()
+        # C_ma, a constant: the first batch's C_hat, then the moving average (`_next_average`)
+        average = started * (self.ema * previous + (1.0 - self.ema) * detached) \
+            + (1.0 - started) * detached
+        constraint = batch_constraint + (average - detached)             # C^t
         return (rate + lam * constraint) / (1.0 + lam)
 
     def step(self, rate: float, distortion: float) -> None:
@@ -360,19 +398,18 @@ class DCOController(Controller):
         self.log_lam = torch.tensor(self.log_max, dtype=torch.float64, requires_grad=True)
         self.optimizer = torch.optim.SGD([self.log_lam], lr=lr, momentum=momentum,
                                          dampening=momentum)
-        self.log_lam_value = self.log_max   # log lam as a Python float, for `loss` (see _sync)
+        self.log_lam_value = self.log_max   # log lam as a Python float (see _sync)
 
     @property
     def multiplier(self) -> float:
         return math.exp(self.log_lam_value)
 
     def _sync(self) -> None:
-        """Mirror log lam in a float: `loss` reads no tensor, so torch.compile traces it
-        without a graph break."""
+        """Mirror log lam in a float, for logs and `loss_inputs`."""
         self.log_lam_value = float(self.log_lam.detach())
 
     def loss(self, rate: torch.Tensor, distortion: torch.Tensor) -> torch.Tensor:
-        lam = self.multiplier
+        lam = self.loss_inputs[0]
         return (rate + lam * (distortion / self.target - 1.0)) / (1.0 + lam / self.target)
 
     def step(self, rate: float, distortion: float) -> None:
@@ -478,7 +515,9 @@ def build_controller(config: Config) -> Controller:
     """The controller named by `config.controller`, with its target and settings from the
     config; a missing or non-positive target is a UserError naming the flag to pass."""
     check_controller_name(config.controller)
-    return CONTROLLERS[config.controller].from_config(config)
+    # Its loss inputs exist from the start (on the CPU until the trainer moves them), so a
+    # compiled step never sees them being created.
+    return CONTROLLERS[config.controller].from_config(config).to("cpu")
 
 
 def _distortion_target(config: Config) -> float:

@@ -20,7 +20,9 @@ class Objective(Protocol):
     `__call__(model, images, noise)` returns a dict of scalar tensors: "loss" (to minimise) and the
     batch means that are logged (e.g. "rate", "distortion"). `after_update(metrics)` sees the
     detached metrics of an applied update (a controller steps its multiplier there).
-    `log_values()` adds values such as the multiplier to each log line.
+    `log_values()` adds values such as the multiplier to each log line. An objective holding
+    tensors the loss reads may also define `to(device)`; the trainer calls it with the
+    training device.
     """
 
     def __call__(self, model: nn.Module, images: torch.Tensor,

@@ -69,10 +69,14 @@ def configure_backends(device: torch.device) -> None:
 
 
 def compiled_or_eager(module: nn.Module, enabled: bool) -> nn.Module:
-    """torch.compile(module), or the module itself if compilation is off or unavailable."""
+    """torch.compile(module), or the module itself if compilation is off or unavailable.
+    Each compiled training run starts from empty compiler caches, so runs one after another in
+    one process (a sweep, the progressive experiment) do not pile their graphs up towards
+    torch's recompile limit, past which it would silently run eagerly."""
     if not enabled:
         return module
     try:
+        torch._dynamo.reset()
         return torch.compile(module)
     except Exception as error:  # noqa: BLE001 - any failure means: run eagerly
         warn_compile_failed(error)

@@ -58,6 +58,8 @@ class Trainer:
             for held in vars(objective).values():   # a frozen stage one takes the same layout
                 if isinstance(held, nn.Module):
                     held.to(memory_format=torch.channels_last)
+        if hasattr(objective, "to"):   # tensors its loss reads (a controller's multiplier)
+            objective.to(self.device)
         self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.loss_module: nn.Module = LossModule(self.model, objective)
         if dist.is_distributed():
