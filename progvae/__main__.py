@@ -312,10 +312,13 @@ def compress(run: str = "", images: str = "", out: str = "compressed",
     """
     from progvae.compress import compress_files, image_files, load_codec
 
+    from progvae.atomic import writable_folder
+
     _set_threads(num_threads)
     files = image_files(images)
+    target = writable_folder(out, "--out")   # before the model is loaded
     codec = load_codec(run)
-    compress_files(codec, files, Path(str(out)))
+    compress_files(codec, files, target)
 
 
 def decompress(run: str = "", file: str = "", out: str = "", groups: int | None = None,
@@ -361,11 +364,13 @@ def codec_eval(run: str = "", images: str = "", out: str = "", lpips_weights: st
         if quality > 100:
             raise UserError(f"--qualities holds {quality}; JPEG and WebP qualities are 1..100.")
     files = image_files(images)
-    codec = load_codec(run)
     if not out:
         if not Path(str(run)).is_dir():
             raise UserError("Pass --out=DIR for codec_rd.json and codec_rd.png.")
         out = run
+    from progvae.atomic import writable_folder
+    writable_folder(out, "--out")
+    codec = load_codec(run)
     result = codec_rd(codec, files, Path(str(out)), tuple(int(q) for q in qualities),
                       lpips_weights, progress=lambda file: print(f"scored {file}"))
     print(f"{'groups':>6} {'bits/pixel':>10} {'PSNR':>7}")

@@ -93,3 +93,20 @@ def writable_output(path, flag: str, suffix: str | None = None) -> Path:
         raise UserError(f"{flag}='{path}' cannot be written (no permission); pass a path you "
                         "can write to.")
     return path
+
+
+def writable_folder(path, flag: str) -> Path:
+    """Check, before any work, that the folder `path` (given as `flag`) exists or can be made,
+    and can be written to. Returns it as a Path."""
+    path = Path(str(path))
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag}='{path}' is a file; pass a folder.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"{flag}='{path}' cannot be created ({error.strerror}); pass a folder "
+                        "you can write to.") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"{flag}='{path}' cannot be written (no permission); pass a folder you "
+                        "can write to.")
+    return path

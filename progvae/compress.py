@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from progvae.atomic import atomic_write_bytes, writable_output
+from progvae.atomic import atomic_write_bytes, writable_folder, writable_output
 from progvae.codec import Codec, prefix_bytes, read_pvc
 from progvae.data.images import save_png
 from progvae.data.readers import IMAGE_EXTENSIONS, list_images, read_image
@@ -55,9 +55,7 @@ def compress_files(codec: Codec, files: list[Path], out: Path, report=print) -> 
     if repeated:
         raise UserError(f"Several images are named '{repeated[0]}' (in different folders or "
                         "formats), and their .pvc files would overwrite each other; rename them.")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out '{out}' is a file; pass a folder for the .pvc files.")
-    out.mkdir(parents=True, exist_ok=True)
+    writable_folder(out, "--out")
     records = []
     for file in files:
         image = read_image(file)

@@ -288,3 +288,17 @@ def test_a_trained_codec_compresses_a_photograph_it_never_saw(tmp_path):
     full = imageio.imread(tmp_path / "all.png")
     np.testing.assert_array_equal(full, expected)
     assert psnr_uint8(photo, imageio.imread(tmp_path / "two.png")) < psnr_uint8(photo, full)
+
+
+@pytest.mark.parametrize("command, words", [
+    (["compress", "--out=/proc/progvae/out"], "cannot be created"),
+    (["compress", "--out={photo}"], "is a file"),
+    (["codec-eval", "--out=/proc/progvae/out"], "cannot be created"),
+    (["compress", "--images={folder}/missing.png", "--out={folder}/c"], "does not exist"),
+])
+def test_a_bad_output_or_input_is_refused_before_the_model_loads(exported, command, words):
+    name, *rest = command
+    args = [name, f"--run={exported}/codec.safetensors", f"--images={exported}/photo.png",
+            *[a.format(photo=exported / "photo.png", folder=exported) for a in rest]]
+    code, _, err = _run(args)
+    assert code == 2 and words in err and "Traceback" not in err
