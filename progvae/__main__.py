@@ -385,10 +385,10 @@ def codec_eval(run: str = "", images: str = "", out: str = "", lpips_weights: st
 
 
 def _set_threads(num_threads: int) -> None:
+    from progvae.training import dist
+
     _check_number("--num_threads", num_threads, 0, integer=True)
-    if num_threads > 0:
-        import torch
-        torch.set_num_threads(int(num_threads))
+    dist.set_cpu_threads(int(num_threads))
 
 
 def vdvae(config: str = "tiny", out: str = "", quiet: bool = False, resume_from: int = 0,

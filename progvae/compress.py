@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -43,9 +42,12 @@ def image_files(images: str) -> list[Path]:
 
 
 def psnr_uint8(original: np.ndarray, decoded: np.ndarray) -> float:
-    """PSNR in dB between two uint8 pictures (peak 255)."""
+    """PSNR in dB between two uint8 pictures (peak 255), via `progvae.heldout.psnr` on the
+    [-1, 1] scale, where a level is 1/127.5."""
+    from progvae.heldout import psnr
+
     mse = np.mean((original.astype(np.float64) - decoded.astype(np.float64)) ** 2)
-    return 10 * math.log10(255.0 ** 2 / mse) if mse > 0 else float("inf")
+    return psnr(mse / 127.5 ** 2)
 
 
 def compress_files(codec: Codec, files: list[Path], out: Path, report=print) -> list[dict]:

@@ -174,12 +174,13 @@ def to_model_input(batch_uint8: torch.Tensor) -> torch.Tensor:
     return batch_uint8.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
 
 
-def device_batch(images: np.ndarray, device: torch.device | str) -> torch.Tensor:
-    """uint8 NHWC images as model input on `device`: the uint8 pixels travel (from pinned
-    memory, without blocking, on CUDA) and are converted there, a quarter of the bytes of
-    float32 and no conversion on the host."""
+def device_batch(images: np.ndarray | torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """uint8 NHWC images (an array or a tensor) as model input on `device`: the uint8 pixels
+    travel (from pinned memory, without blocking, on CUDA) and are converted there, a quarter
+    of the bytes of float32 and no conversion on the host."""
     device = torch.device(device)
-    pixels = torch.from_numpy(np.ascontiguousarray(images))
+    pixels = images if isinstance(images, torch.Tensor) else \
+        torch.from_numpy(np.ascontiguousarray(images))
     if device.type == "cuda":
         pixels = pixels.pin_memory()
     return to_model_input(pixels.to(device, non_blocking=True))

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from progvae.config import Config
-from progvae.data.loading import BatchSampler, ImageData, to_model_input
+from progvae.data.loading import BatchSampler, ImageData, device_batch
 from progvae.errors import TrainingInterrupted
 from progvae.models.distributions import NoiseShard
 from progvae.training import dist, history, performance
@@ -194,10 +194,7 @@ class Trainer:
 
     def next_batch(self) -> torch.Tensor:
         """This rank's next batch on the device, as model input (pinned, non-blocking on CUDA)."""
-        batch = self.train_images[self.sampler.next_indices()]
-        if self.device.type == "cuda":
-            batch = batch.pin_memory()
-        images = to_model_input(batch.to(self.device, non_blocking=True))
+        images = device_batch(self.train_images[self.sampler.next_indices()], self.device)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images
