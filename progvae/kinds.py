@@ -45,7 +45,10 @@ class RunKind:
     description: str                                    # one line for messages and help
     build: Callable[[Config], nn.Module]                # the network checkpoint.pt holds
     terms: Callable[[nn.Module, torch.Tensor], Terms]   # per-image held-out terms, each (B,)
-    sample: Callable[[nn.Module, int, float, float | None], torch.Tensor]
+    # (model, n, temperature, stage1_temperature, pixel_temperature) -> images; the last two
+    # are None for "the same as temperature" and matter only where there is a second stage or
+    # a DMoL head
+    sample: Callable[[nn.Module, int, float, float | None, float | None], torch.Tensor]
     reconstruct: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
     has_likelihood: bool                                # reports an ELBO (and bits/dim)
     needs_stage1_run: bool = False                      # scored with config.stage1's network
@@ -96,17 +99,21 @@ def pipeline_terms(pipeline: Pipeline, x: torch.Tensor) -> Terms:
 
 
 # ------------------------------------------------------------------------------ sampling
-def _mean_samples(model: VDVAE, n: int, temperature: float, _stage1_temperature) -> torch.Tensor:
+def _mean_samples(model: VDVAE, n: int, temperature: float, _stage1_temperature,
+                  _pixel_temperature) -> torch.Tensor:
     return model.sample(n, temperature)
 
 
-def _dmol_samples(model: VDVAE, n: int, temperature: float, _stage1_temperature) -> torch.Tensor:
-    return model.head.sample(model.decode(n=n, temperature=temperature), temperature)
+def _dmol_samples(model: VDVAE, n: int, temperature: float, _stage1_temperature,
+                  pixel_temperature: float | None) -> torch.Tensor:
+    pixel_temperature = temperature if pixel_temperature is None else pixel_temperature
+    return model.head.sample(model.decode(n=n, temperature=temperature), pixel_temperature)
 
 
 def _pipeline_samples(pipeline: Pipeline, n: int, temperature: float,
-                      stage1_temperature: float | None) -> torch.Tensor:
-    return pipeline.sample(n, temperature, stage1_temperature)
+                      stage1_temperature: float | None,
+                      pixel_temperature: float | None) -> torch.Tensor:
+    return pipeline.sample(n, temperature, stage1_temperature, pixel_temperature)
 
 
 def _reconstruct(model: VDVAE, x: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -155,9 +162,10 @@ KINDS: dict[str, RunKind] = {kind.name: kind for kind in (
 @torch.no_grad()
 def draw_samples(kind: RunKind, model: nn.Module, n: int, temperature: float = 1.0,
                  batch_size: int = 256, stage1_temperature: float | None = None,
-                 progress: bool = False) -> np.ndarray:
+                 progress: bool = False, pixel_temperature: float | None = None) -> np.ndarray:
     """n samples of a kind's scored model as uint8 NHWC, drawn in batches (with a progress bar
-    if asked): the one sampling loop of `sample`, `evaluate` and the demo."""
+    if asked): the one sampling loop of `sample`, `evaluate` and the demo. `stage1_temperature`
+    (two-stage kinds) and `pixel_temperature` (DMoL heads) default to `temperature`."""
     from tqdm import tqdm
 
     from progvae.data.loading import to_uint8_images
@@ -166,7 +174,8 @@ def draw_samples(kind: RunKind, model: nn.Module, n: int, temperature: float = 1
     with tqdm(total=n, desc=f"sampling ({kind.name})", disable=not progress) as bar:
         for start in range(0, n, batch_size):
             count = min(batch_size, n - start)
-            images = kind.sample(model, count, temperature, stage1_temperature)
+            images = kind.sample(model, count, temperature, stage1_temperature,
+                                 pixel_temperature)
             batches.append(to_uint8_images(images.cpu()))
             bar.update(count)
     return np.concatenate(batches)

@@ -118,6 +118,10 @@ def test_sample_grid_npz_seed_and_temperature(runs, tmp_path):
     assert not np.array_equal(draw("d", "--seed=1", "--temperature=0.3"), first)
     colder = draw("e", "--seed=1", "--temperature=0.3", "--stage1_temperature=1.0")
     assert not np.array_equal(colder, draw("d", "--seed=1", "--temperature=0.3"))
+    assert not np.array_equal(draw("f", "--seed=1", "--pixel_temperature=0"), first)
+    result = progvae("sample", f"--run={runs['stage2']}", "--n=2", f"--out={tmp_path / 'g.png'}",
+                     "--pixel_temperature=0")
+    assert "(latents at temperature 1, each pixel at its most probable value)" in result.stdout
 
 
 @pytest.mark.parametrize("kind", ["stage1", "joint", "vdvae"])

@@ -133,6 +133,21 @@ def test_stage2_run_and_pipeline(stage2_run):
         assert (stage2_run / name).is_file()
 
 
+def test_pixel_temperature_reaches_only_the_dmol_draw(stage2_run):
+    """pixel_temperature=0 keeps the latents' draw (same seed, same z and z_tilde) and puts each
+    pixel at the DMoL's most probable value, as the demo's samples.png shows them."""
+    pipeline = load_pipeline(stage2_run)
+    torch.manual_seed(3)
+    modes = pipeline.sample(4, pixel_temperature=0.0)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        x_tilde = pipeline.stage1.head.mean(pipeline.stage1.decode(n=4, temperature=1.0))
+        params = pipeline.stage2.decode(temperature=1.0, condition_image=x_tilde)
+    assert torch.equal(modes, pipeline.stage2.head.sample(params, 0.0))
+    torch.manual_seed(3)
+    assert not torch.equal(modes, pipeline.sample(4))               # pixels drawn at 1
+
+
 def test_joint_trains_and_samples(tmp_path):
     summary = train_joint(small_config(), tmp_path / "joint", quiet=True)
     assert summary["elbo"] < 0 and summary["steps"] == 3

@@ -52,7 +52,7 @@ def test_a_short_run_writes_its_summary_and_samples(tmp_path):
     _, model, info = load_model(out)
     assert info["stage"] == "vdvae" and info["finished"]
     _, scored, info = load_scored(out)
-    images = info["kind"].sample(scored, 3, 1.0, None)
+    images = info["kind"].sample(scored, 3, 1.0, None, None)
     assert info["kind"].name == "vdvae" and images.shape == (3, 1, 16, 16)
     levels = (images + 1) * 127.5
     assert torch.allclose(levels, levels.round(), atol=1e-4)     # DMoL samples on the grid

@@ -194,7 +194,7 @@ def sampling_rate(trainer: Trainer, model: str, config: Config, device: torch.de
     network = trainer.ema_model
     if kind.needs_stage1_run:
         network = Pipeline(trainer.objective.stage1, network)
-    draw = lambda n, temperature: kind.sample(network, n, temperature, None)  # noqa: E731
+    draw = lambda n, temperature: kind.sample(network, n, temperature, None, None)  # noqa: E731
     n = max(config.batch_size, 64 if device.type == "cpu" else 500)
     draw(n, 1.0)
     _synchronize(device)

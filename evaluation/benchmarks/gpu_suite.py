@@ -71,11 +71,11 @@ def time_pipeline_samples(config: Config, count: int) -> float:
     pipeline = pipeline.to(device).eval()
     kind = KINDS["stage2"]
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        kind.sample(pipeline, SAMPLE_BATCH, 1.0, None)          # warm-up
+        kind.sample(pipeline, SAMPLE_BATCH, 1.0, None, None)          # warm-up
         torch.cuda.synchronize()
         started = time.perf_counter()
         for start in range(0, count, SAMPLE_BATCH):
-            kind.sample(pipeline, min(SAMPLE_BATCH, count - start), 1.0, None)
+            kind.sample(pipeline, min(SAMPLE_BATCH, count - start), 1.0, None, None)
         torch.cuda.synchronize()
     return time.perf_counter() - started
 

@@ -57,14 +57,17 @@ class Pipeline(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0,
-               stage1_temperature: float | None = None) -> torch.Tensor:
+               stage1_temperature: float | None = None,
+               pixel_temperature: float | None = None) -> torch.Tensor:
         """n images (n, C, H, W) on the 256-level grid in [-1, 1]: z ~ p(z) (at
-        `stage1_temperature`, default `temperature`), x_tilde = its mean decoding, then
-        z_tilde ~ p(z_tilde | x_tilde) and x ~ p(x | z_tilde, x_tilde) at `temperature`."""
+        `stage1_temperature`), x_tilde = its mean decoding, then z_tilde ~ p(z_tilde | x_tilde)
+        at `temperature` and x ~ p(x | z_tilde, x_tilde) at `pixel_temperature` (0: each
+        pixel's most probable value). Both default to `temperature`."""
         stage1_temperature = temperature if stage1_temperature is None else stage1_temperature
+        pixel_temperature = temperature if pixel_temperature is None else pixel_temperature
         x_tilde = self.stage1.head.mean(self.stage1.decode(n=n, temperature=stage1_temperature))
         params = self.stage2.decode(temperature=temperature, condition_image=x_tilde)
-        return self.stage2.head.sample(params, temperature)
+        return self.stage2.head.sample(params, pixel_temperature)
 
     @torch.no_grad()
     def reconstruct_by_stage(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

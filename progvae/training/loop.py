@@ -132,9 +132,9 @@ def write_images(kind: RunKind, scored: nn.Module, data: ImageData, folder: Path
         x = to_model_input(torch.from_numpy(originals)).to(device)
         final, x_tilde = kind.reconstruct(scored, x)
         rows = [originals] + ([] if x_tilde is None else [to_uint8_images(x_tilde.cpu())])
+        samples = kind.sample(scored, n, 1.0, None, None)
         pictures = {"reconstructions": comparison_canvas(rows + [to_uint8_images(final.cpu())]),
-                    "samples": grid_canvas(to_uint8_images(kind.sample(scored, n, 1.0,
-                                                                       None).cpu()))}
+                    "samples": grid_canvas(to_uint8_images(samples.cpu()))}
     if labelled_step is None:
         for name, picture in pictures.items():
             save_png(picture, folder / f"{name}.png")
