@@ -31,8 +31,8 @@ class Stage1Objective:
         return {"loss": self.controller.loss(rate, distortion), "rate": rate,
                 "distortion": distortion}
 
-    def after_update(self, metrics: dict[str, float]) -> None:
-        self.controller.update(metrics["rate"], metrics["distortion"])
+    def after_update(self, metrics: dict[str, torch.Tensor], applied: torch.Tensor) -> None:
+        self.controller.update(metrics["rate"], metrics["distortion"], applied)
 
     def to(self, device: torch.device) -> None:
         """The controller's loss inputs on the training device (progvae.training.controllers)."""

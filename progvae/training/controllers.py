@@ -8,13 +8,17 @@ The interface every controller keeps:
   GECO's average) it reads from `loss_inputs`, a small tensor on the training device that
   `update` overwrites in place: a compiled training step sees it as an input, so a new value
   never recompiles it (a Python float would be a constant of the compiled graph, and a CUDA
-  graph would have to be recaptured), and setting it needs no copy back to the host.
-- `update(rate, distortion)`: one multiplier step from the rate and distortion of the update the
-  trainer just applied, as plain floats already averaged over the batch (under DDP: over every
-  rank's batch, so every rank takes the same step).
-- `multiplier`: the current value, for logs and summaries.
+  graph would have to be recaptured).
+- `update(rate, distortion, applied)`: one multiplier step from the rate and distortion of the
+  update the trainer just made, already averaged over the batch (under DDP: over every rank's
+  batch, so every rank takes the same step). They are 0-d tensors on the training device (or
+  floats), and `applied` is the trainer's on-device decision (False: the update was skipped,
+  and nothing changes). Every value a controller keeps lives on that device too and is
+  computed there, so an update never waits for the host: the trainer decides, steps and logs
+  without a host-device synchronisation per step.
+- `multiplier`: the current value as a float (a read from the device: for logs and summaries).
 - `at_bound()`: whether the multiplier sits at one of its limits.
-- `state_dict()` / `load_state_dict()`: everything needed to resume exactly.
+- `state_dict()` / `load_state_dict()`: everything needed to resume exactly, as plain floats.
 
 Every controller also counts its updates and how many of them ended with the multiplier
 *saturated*: at the limit that weights the constrained quantity most, where it can push no
@@ -37,7 +41,6 @@ norm of ~2e5 and be skipped, and so would every later one.)
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from pathlib import Path
@@ -48,14 +51,15 @@ from progvae.config import Config
 from progvae.errors import UserError
 
 SATURATED_MAJORITY = 0.5  # saturated for more than this fraction of the updates: target missed
+ADAM_EPS = 1e-8           # the multiplier's Adam (torch's default)
 
 
 class Controller:
     """The shared bookkeeping: the target, the update counters and the state round trip.
 
-    A subclass implements `loss`, `step` (the multiplier update proper), `multiplier`, and,
-    where it has limits, `at_bound` and `saturated`; `extra_state` / `load_extra_state` carry
-    its own state.
+    A subclass implements `loss`, `multiplier_tensor`, and where it moves its multiplier `step`
+    (the proposed new values of its state tensors) and `saturated_tensor`; `extra_state` /
+    `load_extra_state` carry its own state.
     """
 
     name = ""
@@ -71,58 +75,98 @@ class Controller:
 
     def __init__(self, target: float | None):
         self.target = target
-        self.updates = 0             # multiplier updates taken
-        self.saturated_updates = 0   # of which ended with the multiplier saturated
+        # [updates taken, of which ended with the multiplier saturated]
+        self.counts = torch.zeros(2, dtype=torch.float64)
         self._inputs: torch.Tensor | None = None
 
     @property
+    def device(self) -> torch.device:
+        return self.counts.device
+
+    @property
     def loss_inputs(self) -> torch.Tensor:
-        """The changing values `loss` reads (`input_values`), as one float32 tensor; it lives on
-        the device `to` moved it to and is overwritten in place after every update."""
+        """The changing values `loss` reads (`input_tensors`), as one float32 tensor; it lives
+        on the device `to` moved it to and is overwritten in place after every update."""
         if self._inputs is None:
-            self._inputs = torch.tensor(self.input_values(), dtype=torch.float32)
+            self._inputs = torch.stack(self.input_tensors()).float()
         return self._inputs
 
     def to(self, device: torch.device | str) -> "Controller":
-        """Keep `loss_inputs` on `device` (the training device)."""
-        self._inputs = self.loss_inputs.to(device)
+        """Keep every tensor of the controller (its state and `loss_inputs`) on `device`, the
+        training device."""
+        self.loss_inputs   # created before the move
+        for name, value in list(vars(self).items()):
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
         return self
 
-    def input_values(self) -> list[float]:
-        """What `loss` reads that updates change: by default the multiplier."""
-        return [self.multiplier]
+    def input_tensors(self) -> list[torch.Tensor]:
+        """What `loss` reads that updates change, as 0-d tensors: by default the multiplier."""
+        return [self.multiplier_tensor()]
 
     def _publish(self) -> None:
-        """Write the current values into `loss_inputs` in place (a scalar fill each: no
-        host-device synchronisation)."""
-        inputs = self.loss_inputs
-        for index, value in enumerate(self.input_values()):
-            inputs[index].fill_(value)
+        """Write the current values into `loss_inputs` in place, on the device."""
+        self.loss_inputs.copy_(torch.stack(self.input_tensors()))
+
+    def _constant(self, value: float) -> torch.Tensor:
+        return torch.tensor(value, dtype=torch.float64, device=self.device)
 
     # -- the interface -------------------------------------------------------------------------
     def loss(self, rate: torch.Tensor, distortion: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def update(self, rate: float, distortion: float) -> None:
-        self.step(float(rate), float(distortion))
-        self.updates += 1
-        self.saturated_updates += int(self.saturated())
+    def update(self, rate: torch.Tensor | float, distortion: torch.Tensor | float,
+               applied: torch.Tensor | None = None) -> None:
+        """One multiplier step, taken where `applied` (a 0-d bool tensor; None: True)."""
+        rate = torch.as_tensor(rate, dtype=torch.float64, device=self.device)
+        distortion = torch.as_tensor(distortion, dtype=torch.float64, device=self.device)
+        applied = (torch.ones((), dtype=torch.bool, device=self.device) if applied is None
+                   else applied.to(device=self.device, dtype=torch.bool))
+        for name, proposed in self.step(rate, distortion).items():
+            current = getattr(self, name)
+            current.copy_(torch.where(applied, proposed, current))
+        taken = applied.to(torch.float64)
+        self.counts += torch.stack([taken, taken * self.saturated_tensor()])
         self._publish()
+
+    def multiplier_tensor(self) -> torch.Tensor:
+        """The multiplier, a 0-d float64 tensor on the device."""
+        raise NotImplementedError
 
     @property
     def multiplier(self) -> float:
-        raise NotImplementedError
+        return float(self.multiplier_tensor())
 
     def at_bound(self) -> bool:
         return False
 
+    def saturated_tensor(self) -> torch.Tensor:
+        """At the limit that puts the most weight on the constrained quantity (0-d, 0 or 1)."""
+        return self._constant(0.0)
+
     def saturated(self) -> bool:
-        """At the limit that puts the most weight on the constrained quantity."""
-        return False
+        return bool(self.saturated_tensor())
+
+    @property
+    def updates(self) -> int:
+        return int(self.counts[0])
+
+    @updates.setter
+    def updates(self, value: int) -> None:
+        self.counts[0] = value
+
+    @property
+    def saturated_updates(self) -> int:
+        return int(self.counts[1])
+
+    @saturated_updates.setter
+    def saturated_updates(self, value: int) -> None:
+        self.counts[1] = value
 
     @property
     def saturated_fraction(self) -> float:
-        return self.saturated_updates / self.updates if self.updates else 0.0
+        updates = self.updates
+        return self.saturated_updates / updates if updates else 0.0
 
     def state_dict(self) -> dict:
         return {"name": self.name, "updates": self.updates,
@@ -140,8 +184,10 @@ class Controller:
         self._publish()
 
     # -- for subclasses ------------------------------------------------------------------------
-    def step(self, rate: float, distortion: float) -> None:
-        """The multiplier update; fixed-weight controllers keep this no-op."""
+    def step(self, rate: torch.Tensor, distortion: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The multiplier update: the new value of each state tensor (by attribute name), as
+        computed from this update's rate and distortion; fixed-weight controllers have none."""
+        return {}
 
     def extra_state(self) -> dict:
         return {}
@@ -153,8 +199,8 @@ class Controller:
 class LagrangianController(Controller):
     """Projected Lagrangian of paper 003 A.5 (= paper 002 B.2): distortion-targeted training.
 
-    Model objective (eq. 10): minimise (1 - lam) * R + lam * D, lam held constant (a Python
-    float, so nothing reaches it from the model's loss).
+    Model objective (eq. 10): minimise (1 - lam) * R + lam * D, lam held constant (read from
+    `loss_inputs`, so nothing reaches it from the model's loss).
     Multiplier objective (eq. 11): maximise lam * (D_ema - target) by Adam with betas
     (0, 0.999), lr 2e-4, where D_ema is an exponential moving average (rate `distortion_ema`,
     0.99 in the paper) of the detached batch distortion, started at the first batch's value.
@@ -183,21 +229,18 @@ class LagrangianController(Controller):
                  ema: float = 0.99):
         super().__init__(target)
         self.minimum, self.maximum = minimum, maximum
-        self.ema = ema
-        self.lam = torch.tensor(float(init), dtype=torch.float64, requires_grad=True)
-        self.optimizer = torch.optim.Adam([self.lam], lr=lr, betas=(0.0, beta2))
-        self.tracked: float | None = None   # EMA of the constrained quantity
-        self.lam_value = float(init)        # lam as a Python float (see _sync)
+        self.lr, self.beta2, self.ema = lr, beta2, ema
+        self.lam = torch.tensor(float(init), dtype=torch.float64)
+        self.tracked = torch.zeros((), dtype=torch.float64)   # EMA of the constrained quantity
+        self.started = torch.zeros((), dtype=torch.float64)   # 1 once `tracked` holds a value
+        # Adam's second moment and step count (its first moment, at beta1 = 0, is the gradient)
+        self.second_moment = torch.zeros((), dtype=torch.float64)
+        self.adam_steps = torch.zeros((), dtype=torch.float64)
 
-    @property
-    def multiplier(self) -> float:
-        return self.lam_value
+    def multiplier_tensor(self) -> torch.Tensor:
+        return self.lam
 
-    def _sync(self) -> None:
-        """Mirror lam in a float, for logs and for `loss_inputs`."""
-        self.lam_value = float(self.lam.detach())
-
-    def constrained_value(self, rate: float, distortion: float) -> float:
+    def constrained_value(self, rate: torch.Tensor, distortion: torch.Tensor) -> torch.Tensor:
         """The quantity held to the target: distortion here; rate for rate targeting."""
         return distortion
 
@@ -205,38 +248,44 @@ class LagrangianController(Controller):
         lam = self.loss_inputs[0]
         return (1.0 - lam) * rate + lam * distortion
 
-    def step(self, rate: float, distortion: float) -> None:
+    def step(self, rate: torch.Tensor, distortion: torch.Tensor) -> dict[str, torch.Tensor]:
         value = self.constrained_value(rate, distortion)
-        if self.tracked is None:
-            self.tracked = value
-        else:
-            self.tracked = self.ema * self.tracked + (1.0 - self.ema) * value
-        self.optimizer.zero_grad(set_to_none=True)
-        # Maximise lam * (tracked - target) == minimise its negative.
-        (-(self.lam * (self.tracked - self.target))).backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            self.lam.clamp_(self.minimum, self.maximum)
-        self._sync()
+        tracked = torch.where(self.started > 0,
+                              self.ema * self.tracked + (1.0 - self.ema) * value, value)
+        # Maximise lam * (tracked - target), i.e. descend its negative, whose gradient in lam
+        # is -(tracked - target): torch's Adam step with betas (0, beta2), done on the device.
+        grad = -(tracked - self.target)
+        steps = self.adam_steps + 1.0
+        second_moment = self.second_moment * self.beta2 + (1.0 - self.beta2) * grad * grad
+        denominator = second_moment.sqrt() / (1.0 - self.beta2 ** steps).sqrt() + ADAM_EPS
+        lam = (self.lam - self.lr * grad / denominator).clamp(self.minimum, self.maximum)
+        return {"tracked": tracked, "started": torch.ones_like(self.started),
+                "second_moment": second_moment, "adam_steps": steps, "lam": lam}
 
     def at_bound(self) -> bool:
         return self.saturated() or self.multiplier <= self.minimum * (1 + 1e-6)
 
-    def saturated(self) -> bool:
-        return self.multiplier >= self.maximum * (1 - 1e-9)
+    def saturated_tensor(self) -> torch.Tensor:
+        return (self.lam >= self.maximum * (1 - 1e-9)).to(torch.float64)
 
     def extra_state(self) -> dict:
-        return {"lam": self.multiplier, "tracked": self.tracked,
-                # a copy: Adam's state tensors are updated in place by later steps
-                "optimizer": copy.deepcopy(self.optimizer.state_dict())}
+        return {"lam": self.multiplier,
+                "tracked": float(self.tracked) if bool(self.started) else None,
+                "adam": {"second_moment": float(self.second_moment),
+                         "steps": float(self.adam_steps)}}
 
     def load_extra_state(self, state: dict) -> None:
-        with torch.no_grad():
-            self.lam.fill_(state["lam"])
-        self._sync()
-        self.tracked = state["tracked"]
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.lam.fill_(state["lam"])
+        self.started.fill_(state["tracked"] is not None)
+        self.tracked.fill_(state["tracked"] or 0.0)
+        second_moment, steps = 0.0, 0.0
+        if "adam" in state:
+            second_moment, steps = state["adam"]["second_moment"], state["adam"]["steps"]
+        elif state.get("optimizer", {}).get("state"):   # by torch.optim.Adam: earlier versions
+            adam = next(iter(state["optimizer"]["state"].values()))
+            second_moment, steps = float(adam["exp_avg_sq"]), float(adam["step"])
+        self.second_moment.fill_(second_moment)
+        self.adam_steps.fill_(steps)
 
 
 class RateController(LagrangianController):
@@ -268,7 +317,7 @@ class RateController(LagrangianController):
                 f"--controller=rate (e.g. --rate_target=0.1); got {config.rate_target}.")
         return cls(config.rate_target, **cls.multiplier_settings(config))
 
-    def constrained_value(self, rate: float, distortion: float) -> float:
+    def constrained_value(self, rate: torch.Tensor, distortion: torch.Tensor) -> torch.Tensor:
         return rate
 
     def loss(self, rate: torch.Tensor, distortion: torch.Tensor) -> torch.Tensor:
@@ -317,61 +366,64 @@ class GECOController(Controller):
         super().__init__(target)
         self.lr, self.ema = lr, ema
         self.log_min, self.log_max = math.log(minimum), math.log(maximum)
-        self.log_lam = min(max(math.log(init), self.log_min), self.log_max)
-        self.constraint_average: float | None = None   # C_ma of Algorithm 1
+        self.log_lam = torch.tensor(min(max(math.log(init), self.log_min), self.log_max),
+                                    dtype=torch.float64)
+        self.average = torch.zeros((), dtype=torch.float64)   # C_ma of Algorithm 1
+        self.started = torch.zeros((), dtype=torch.float64)   # 1 once C_ma holds a value
+
+    def multiplier_tensor(self) -> torch.Tensor:
+        return self.log_lam.exp()
 
     @property
-    def multiplier(self) -> float:
-        return math.exp(self.log_lam)
+    def constraint_average(self) -> float | None:
+        """C_ma, None before the first update."""
+        return float(self.average) if bool(self.started) else None
 
-    def _next_average(self, constraint: float) -> float:
-        """C_ma^t from C_ma^(t-1) and this batch's C_hat^t."""
-        if self.constraint_average is None:
-            return constraint
-        return self.ema * self.constraint_average + (1.0 - self.ema) * constraint
-
-    def input_values(self) -> list[float]:
+    def input_tensors(self) -> list[torch.Tensor]:
         """lam, C_ma (0 before the first update) and whether C_ma has started (1 or 0)."""
-        started = self.constraint_average is not None
-        return [self.multiplier, self.constraint_average if started else 0.0, float(started)]
+        return [self.multiplier_tensor(), self.average, self.started]
 
     def loss(self, rate: torch.Tensor, distortion: torch.Tensor) -> torch.Tensor:
         lam, previous, started = self.loss_inputs.unbind()
         batch_constraint = distortion - self.target                      # C_hat, differentiable
         detached = batch_constraint.detach()
-        # C_ma, a constant: the first batch's C_hat, then the moving average (`_next_average`)
+        # C_ma, a constant: the first batch's C_hat, then the moving average (`step`)
         average = started * (self.ema * previous + (1.0 - self.ema) * detached) \
             + (1.0 - started) * detached
         constraint = batch_constraint + (average - detached)             # C^t
         return (rate + lam * constraint) / (1.0 + lam)
 
-    def step(self, rate: float, distortion: float) -> None:
-        self.constraint_average = self._next_average(distortion - self.target)
-        self.log_lam = min(max(self.log_lam + self.lr * self.constraint_average, self.log_min),
-                           self.log_max)
+    def step(self, rate: torch.Tensor, distortion: torch.Tensor) -> dict[str, torch.Tensor]:
+        constraint = distortion - self.target
+        average = torch.where(self.started > 0,
+                              self.ema * self.average + (1.0 - self.ema) * constraint, constraint)
+        log_lam = (self.log_lam + self.lr * average).clamp(self.log_min, self.log_max)
+        return {"average": average, "started": torch.ones_like(self.started),
+                "log_lam": log_lam}
 
     def at_bound(self) -> bool:
-        return self.saturated() or self.log_lam <= self.log_min
+        return self.saturated() or float(self.log_lam) <= self.log_min
 
-    def saturated(self) -> bool:
-        return self.log_lam >= self.log_max
+    def saturated_tensor(self) -> torch.Tensor:
+        return (self.log_lam >= self.log_max).to(torch.float64)
 
     def extra_state(self) -> dict:
-        return {"log_lam": self.log_lam, "constraint_average": self.constraint_average}
+        return {"log_lam": float(self.log_lam), "constraint_average": self.constraint_average}
 
     def load_extra_state(self, state: dict) -> None:
-        self.log_lam = state["log_lam"]
-        self.constraint_average = state["constraint_average"]
+        self.log_lam.fill_(state["log_lam"])
+        self.started.fill_(state["constraint_average"] is not None)
+        self.average.fill_(state["constraint_average"] or 0.0)
 
 
 class DCOController(Controller):
     """D-CO, paper 000 §3.1 eq. 3 and §3.1.1: the constraint normalised by its target.
 
     Model objective (eq. 3): minimise R + lam * (D / c - 1), lam constant, c = target.
-    Multiplier: mu = log lam, updated by torch's SGD with momentum 0.99 and dampening equal to
-    the momentum, lr 5e-3 (§4.1), to *maximise* eq. 3 — but along D / c - 1 rather than its
-    true gradient (D / c - 1) * lam (§3.1.1): SGD is handed -(D / c - 1) to descend, with D the
-    detached batch distortion. Torch's momentum buffer starts at the first such value and then
+    Multiplier: mu = log lam, updated by SGD (torch's rule) with momentum 0.99 and dampening
+    equal to the momentum, lr 5e-3 (§4.1), to *maximise* eq. 3 — but along D / c - 1 rather
+    than its true gradient (D / c - 1) * lam (§3.1.1): SGD is handed -(D / c - 1) to descend,
+    with D the detached batch distortion. The momentum buffer starts at the first such value and then
     averages them, so a long stretch above a strict target delays the drop (paper 000 Fig. 3).
     mu is clipped so that lam <= 1e3, and starts at the clip (§3.1.1); it has no lower limit.
     Saturated at the clip.
@@ -394,49 +446,49 @@ class DCOController(Controller):
     def __init__(self, target: float, lr: float = 5e-3, momentum: float = 0.99,
                  maximum: float = 1e3):
         super().__init__(target)
+        self.lr, self.momentum = lr, momentum
         self.log_max = math.log(maximum)
-        self.log_lam = torch.tensor(self.log_max, dtype=torch.float64, requires_grad=True)
-        self.optimizer = torch.optim.SGD([self.log_lam], lr=lr, momentum=momentum,
-                                         dampening=momentum)
-        self.log_lam_value = self.log_max   # log lam as a Python float (see _sync)
+        self.log_lam = torch.tensor(self.log_max, dtype=torch.float64)
+        self.momentum_buffer = torch.zeros((), dtype=torch.float64)
+        self.started = torch.zeros((), dtype=torch.float64)   # 1 once the buffer holds a value
 
-    @property
-    def multiplier(self) -> float:
-        return math.exp(self.log_lam_value)
-
-    def _sync(self) -> None:
-        """Mirror log lam in a float, for logs and `loss_inputs`."""
-        self.log_lam_value = float(self.log_lam.detach())
+    def multiplier_tensor(self) -> torch.Tensor:
+        return self.log_lam.exp()
 
     def loss(self, rate: torch.Tensor, distortion: torch.Tensor) -> torch.Tensor:
         lam = self.loss_inputs[0]
         return (rate + lam * (distortion / self.target - 1.0)) / (1.0 + lam / self.target)
 
-    def step(self, rate: float, distortion: float) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        # Ascent on mu along (D / c - 1): descend along its negative.
-        self.log_lam.grad = torch.tensor(-(distortion / self.target - 1.0), dtype=torch.float64)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            self.log_lam.clamp_(max=self.log_max)
-        self._sync()
+    def step(self, rate: torch.Tensor, distortion: torch.Tensor) -> dict[str, torch.Tensor]:
+        # Ascent on mu along (D / c - 1): torch's SGD step (momentum, dampening = momentum)
+        # descending its negative, done on the device. The buffer starts at the first value.
+        grad = -(distortion / self.target - 1.0)
+        buffer = torch.where(self.started > 0,
+                             self.momentum * self.momentum_buffer + (1.0 - self.momentum) * grad,
+                             grad)
+        log_lam = (self.log_lam - self.lr * buffer).clamp(max=self.log_max)
+        return {"momentum_buffer": buffer, "started": torch.ones_like(self.started),
+                "log_lam": log_lam}
 
     def at_bound(self) -> bool:
         return self.saturated()
 
-    def saturated(self) -> bool:
-        return self.log_lam_value >= self.log_max - 1e-12
+    def saturated_tensor(self) -> torch.Tensor:
+        return (self.log_lam >= self.log_max - 1e-12).to(torch.float64)
 
     def extra_state(self) -> dict:
-        return {"log_lam": self.log_lam_value,
-                "optimizer": copy.deepcopy(self.optimizer.state_dict())}
+        return {"log_lam": float(self.log_lam),
+                "momentum_buffer": float(self.momentum_buffer) if bool(self.started) else None}
 
     def load_extra_state(self, state: dict) -> None:
-        with torch.no_grad():
-            self.log_lam.fill_(state["log_lam"])
-        self._sync()
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.log_lam.fill_(state["log_lam"])
+        buffer = state.get("momentum_buffer")
+        if "optimizer" in state:   # written by torch.optim.SGD: earlier versions
+            saved = next(iter(state["optimizer"].get("state", {}).values()), {})
+            buffer = None if saved.get("momentum_buffer") is None \
+                else float(saved["momentum_buffer"])
+        self.started.fill_(buffer is not None)
+        self.momentum_buffer.fill_(buffer or 0.0)
 
 
 class HingeController(Controller):
@@ -459,9 +511,8 @@ class HingeController(Controller):
         super().__init__(target)
         self.weight = weight
 
-    @property
-    def multiplier(self) -> float:
-        return self.weight
+    def multiplier_tensor(self) -> torch.Tensor:
+        return self._constant(self.weight)
 
     def loss(self, rate: torch.Tensor, distortion: torch.Tensor) -> torch.Tensor:
         excess = torch.clamp(distortion / self.target - 1.0, min=0.0)
@@ -487,9 +538,8 @@ class BetaController(Controller):
         super().__init__(None)
         self.beta = beta
 
-    @property
-    def multiplier(self) -> float:
-        return self.beta
+    def multiplier_tensor(self) -> torch.Tensor:
+        return self._constant(self.beta)
 
     def loss(self, rate: torch.Tensor, distortion: torch.Tensor) -> torch.Tensor:
         return (distortion + self.beta * rate) / (1.0 + self.beta)

@@ -18,8 +18,10 @@ class Objective(Protocol):
     """The training loss of a kind of run.
 
     `__call__(model, images, noise)` returns a dict of scalar tensors: "loss" (to minimise) and the
-    batch means that are logged (e.g. "rate", "distortion"). `after_update(metrics)` sees the
-    detached metrics of an applied update (a controller steps its multiplier there).
+    batch means that are logged (e.g. "rate", "distortion"). `after_update(metrics, applied)`
+    sees every update's detached metrics (0-d tensors on the device, averaged over ranks) and
+    the trainer's on-device decision whether the update was applied (a 0-d bool tensor): a
+    controller steps its multiplier there, on the device, where `applied`.
     `log_values()` adds values such as the multiplier to each log line. An objective holding
     tensors the loss reads may also define `to(device)`; the trainer calls it with the
     training device.
@@ -27,7 +29,7 @@ class Objective(Protocol):
 
     def __call__(self, model: nn.Module, images: torch.Tensor,
                  noise: NoiseShard | None = None) -> dict[str, torch.Tensor]: ...
-    def after_update(self, metrics: dict[str, float]) -> None: ...
+    def after_update(self, metrics: dict[str, torch.Tensor], applied: torch.Tensor) -> None: ...
     def log_values(self) -> dict[str, float]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
@@ -37,7 +39,7 @@ class FixedObjective:
     """Base of objectives with no state of their own (no multiplier): nothing to step after an
     update, log or checkpoint. Subclasses define only `__call__`."""
 
-    def after_update(self, metrics: dict[str, float]) -> None:
+    def after_update(self, metrics: dict[str, torch.Tensor], applied: torch.Tensor) -> None:
         pass
 
     def log_values(self) -> dict[str, float]:

@@ -33,10 +33,30 @@ from progvae.training.objective import LossModule, Objective
 from progvae.training.rng_state import capture_rng_state, restore_rng_state
 from progvae.training.run_log import RunLog
 from progvae.training.stopping import StopRequests, injected_fault
-from progvae.training.updates import SkipRecord, update_ema, warmup_learning_rate
+from progvae.training.updates import SkipRecord, skip_update, update_ema, warmup_learning_rate
 
 PROGRESS_KEYS = ("rate", "distortion", "multiplier", "nll")   # shown beside the progress bar
 STOP_FLAG = "_stop_asked"
+SKIP_FLAG = "_skipped"
+
+
+class PendingValues:
+    """One update's metrics on their way to the host: on CUDA a non-blocking copy into pinned
+    memory and an event behind it, so reading waits for that copy alone."""
+
+    def __init__(self, step: int, names: list[str], lr: float, values: torch.Tensor):
+        self.step, self.names, self.lr = step, names, lr
+        self.event = None
+        if values.device.type == "cuda":
+            values = values.to("cpu", non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        self.values = values
+
+    def read(self) -> dict[str, float]:
+        if self.event is not None:
+            self.event.synchronize()
+        return dict(zip(self.names, self.values.tolist()))
 
 
 class Trainer:
@@ -84,7 +104,8 @@ class Trainer:
                                     rank=dist.rank(), world_size=dist.world_size())
         self.skips = SkipRecord(config.skip_threshold)
         self.stops: StopRequests | None = None   # the signals recorded while fit() runs
-        self.stop_asked = False   # by any rank, as of the last update's all-reduce
+        self.stop_asked = False   # by any rank, as of the last update collected
+        self.pending: list[PendingValues] = []   # updates whose metrics the host has not read
         self.log = RunLog(self.out_dir, tensorboard=config.tensorboard)
         self.step = 0
         self.resumed_at = 0   # the step this process started from
@@ -119,6 +140,7 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
+        self.drain()   # the skip count and the log window cover every update made
         state = self.state_dict()   # on every rank: it gathers each rank's generators
         if dist.is_main():
             atomic_save(state, self.checkpoint_path())
@@ -152,9 +174,18 @@ class Trainer:
     # ---------------------------------------------------------------------------------------
     # one update
     def train_step(self) -> dict[str, float]:
+        """One update and its metrics on the host (a synchronisation: the loop instead reads
+        each update's values a step later, see `collect`)."""
+        self.update()
+        return self.collect()[-1]
+
+    def update(self) -> None:
         """One update: `accumulate` micro-batches per rank, gradients averaged over ranks by
         DDP, metrics averaged over micro-batches and ranks, then one decision, the same on
-        every rank, to apply or skip the update."""
+        every rank, to apply or skip the update. The decision and everything it gates (Adam,
+        the EMA, the controller's multiplier) stay on the device, so the host queues the next
+        step without waiting for this one; the metrics follow to the host asynchronously and
+        are read by `collect`."""
         config = self.config
         lr = warmup_learning_rate(config, self.step)
         for group in self.optimizer.param_groups:
@@ -173,24 +204,49 @@ class Trainer:
             for name, value in metrics.items():
                 totals[name] = totals.get(name, 0.0) + value.detach().float() / config.accumulate
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, config.grad_clip)
-        # One all-reduce and one copy to the host per step: the batch metrics, the gradient
-        # norm (identical on every rank after DDP, so its mean is itself) and whether a rank
-        # was asked to stop. The loss is the rank mean, non-finite if any rank's is, so every
-        # rank decides the same.
+        # One all-reduce per step: the batch metrics, the gradient norm (identical on every
+        # rank after DDP, so its mean is itself) and whether a rank was asked to stop. The loss
+        # is the rank mean, non-finite if any rank's is, so every rank decides the same.
         names = [*totals, "grad_norm", STOP_FLAG]
-        stop_asked = torch.tensor(float(self.stops is not None and bool(self.stops.received)),
-                                  device=grad_norm.device)
+        stop_asked = torch.full((), float(self.stops is not None and bool(self.stops.received)),
+                                device=grad_norm.device)
         reduced = dist.mean_across_ranks(torch.stack(
             [*totals.values(), grad_norm.float(), stop_asked]).to(dist.collective_device()))
-        values = dict(zip(names, reduced.tolist()))
-        self.stop_asked = values.pop(STOP_FLAG) > 0
-        if not self.skips.decide(values["loss"], values["grad_norm"]):
-            self.optimizer.step()
-            update_ema(self.ema_model, self.model, config.ema_rate)
-            self.objective.after_update(values)
+        reduced = reduced.to(self.device, non_blocking=True)
+        values = dict(zip(names, reduced.unbind()))
+        skip = skip_update(values["loss"], values["grad_norm"], self.skips.skip_threshold)
+        applied = ~skip
+        # Fused Adam reads found_inf on the device: 1 leaves the parameters and its state as
+        # they were (its step count included), as GradScaler's skipped steps do.
+        self.optimizer.found_inf = skip.to(torch.float32)
+        self.optimizer.step()
+        update_ema(self.ema_model, self.model, config.ema_rate, applied)
+        self.objective.after_update(values, applied)
         self.step += 1
-        values["lr"] = lr
-        return values
+        record = torch.cat([reduced, skip.to(reduced.dtype)[None]])
+        self.pending.append(PendingValues(self.step, [*names, SKIP_FLAG], lr, record))
+
+    def collect(self, keep: int = 0) -> list[dict[str, float]]:
+        """The metrics of the updates made but not yet read, oldest first, all but the newest
+        `keep`; their skip decisions and stop requests are recorded here. The loop keeps the
+        newest one queued, so each value is read one step late: by then the device has long
+        finished the update it belongs to and is busy with the next, and reading it costs
+        nothing (on CUDA the copy was started when the update was queued)."""
+        ready = self.pending[:max(0, len(self.pending) - keep)]
+        del self.pending[:len(ready)]
+        collected = []
+        for pending in ready:
+            values = pending.read()
+            self.stop_asked = self.stop_asked or values.pop(STOP_FLAG) > 0
+            self.skips.record(values.pop(SKIP_FLAG) > 0)
+            values["lr"] = pending.lr
+            collected.append(values)
+        return collected
+
+    def drain(self, keep: int = 0) -> None:
+        """Add the collected updates' metrics to the log window (`collect`)."""
+        for values in self.collect(keep):
+            self.log.add(values)
 
     def next_batch(self) -> torch.Tensor:
         """This rank's next batch on the device, as model input (pinned, non-blocking on CUDA)."""
@@ -257,28 +313,34 @@ class Trainer:
         started = time.perf_counter()
         offset = self.elapsed
         while self.step < config.steps:
-            values = self.train_step()
+            self.update()
             self.elapsed = offset + time.perf_counter() - started
-            self.log.add(values)
             bar.update(1)
-            if self.step % config.log_every == 0 or self.step == config.steps:
+            evaluating = (self.evaluate_periodically is not None and config.eval_every > 0
+                          and self.step % config.eval_every == 0 and self.step < config.steps)
+            checkpointing = config.checkpoint_every > 0 and self.step % config.checkpoint_every == 0
+            logging = self.step % config.log_every == 0 or self.step == config.steps
+            # The previous update's values (this one's too where a log line, an evaluation or a
+            # checkpoint needs every update so far: one wait per log_every steps).
+            self.drain(keep=0 if logging or evaluating or checkpointing else 1)
+            if logging:
                 line = self.log.flush(self.step, {
-                    **self.objective.log_values(), "skipped": self.skipped, "lr": values["lr"],
+                    **self.objective.log_values(), "skipped": self.skipped,
+                    "lr": warmup_learning_rate(config, self.step - 1),
                     "time": round(self.elapsed, 3)})
                 bar.set_postfix({key: f"{line[key]:.4g}" for key in PROGRESS_KEYS
                                  if key in line}, refresh=False)
             warning = self.skips.stall_warning(self.step)
             if warning is not None and dist.is_main():
                 tqdm.write(warning, file=sys.stderr)
-            if (self.evaluate_periodically is not None and config.eval_every > 0
-                    and self.step % config.eval_every == 0 and self.step < config.steps):
+            if evaluating:
                 self.evaluate_periodically(self.step)
-            if config.checkpoint_every > 0 and self.step % config.checkpoint_every == 0:
+            if checkpointing:
                 self.save_checkpoint()
             injected_fault(self.step)
-            # Under torchrun the signal number is agreed (one more collective) only when the
-            # step's all-reduce said some rank was asked to stop; a signal that arrived after
-            # it stops the run after the next update.
+            # Under torchrun the signal number is agreed (one more collective) only when an
+            # update's all-reduce said some rank was asked to stop; a signal that arrived after
+            # it stops the run an update or two later.
             stop = stops.agreed_signal() if self.stop_asked or not dist.is_distributed() else 0
             if stop:
                 bar.close()

@@ -4,7 +4,6 @@ updates (and the warning when most are skipped) and the parameter EMA."""
 from __future__ import annotations
 
 import collections
-import math
 
 import torch
 from torch import nn
@@ -23,15 +22,29 @@ def warmup_learning_rate(config: Config, step: int) -> float:
 
 
 @torch.no_grad()
-def update_ema(ema_model: nn.Module, model: nn.Module, rate: float) -> None:
-    """ema <- rate * ema + (1 - rate) * parameters."""
-    torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1.0 - rate)
+def update_ema(ema_model: nn.Module, model: nn.Module, rate: float,
+               applied: torch.Tensor | None = None) -> None:
+    """ema <- rate * ema + (1 - rate) * parameters, where `applied` (a 0-d bool tensor on the
+    device; None: always): a skipped update leaves the EMA as it was, decided on the device."""
+    weight = 1.0 - rate if applied is None else applied.to(torch.float32) * (1.0 - rate)
+    torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), weight)
+
+
+def skip_update(loss: torch.Tensor, grad_norm: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Whether to skip an update, as a 0-d bool tensor computed where its inputs are (no host
+    synchronisation): a non-finite loss or gradient norm, or a norm over `threshold` (0: no
+    threshold)."""
+    skip = ~torch.isfinite(loss) | ~torch.isfinite(grad_norm)
+    if threshold > 0:
+        skip = skip | (grad_norm > threshold)
+    return skip
 
 
 class SkipRecord:
-    """Decides whether an update is skipped (a non-finite loss or gradient norm, or a norm over
-    skip_threshold), counts the skips and says when training is stalling. Its inputs are rank
-    means and the synchronised gradient norm, so every rank decides the same."""
+    """Counts skipped updates (`skip_update` decides them on the device; the trainer records
+    each decision when it reaches the host, a step later) and says when training is stalling.
+    The decision's inputs are rank means and the synchronised gradient norm, so every rank
+    decides the same."""
 
     def __init__(self, skip_threshold: float):
         self.skip_threshold = skip_threshold
@@ -40,12 +53,16 @@ class SkipRecord:
         self._warned_at: int | None = None
 
     def decide(self, loss: float, grad_norm: float) -> bool:
-        """Whether to skip this update; recorded."""
-        skip = (not math.isfinite(loss) or not math.isfinite(grad_norm)
-                or (self.skip_threshold > 0 and grad_norm > self.skip_threshold))
+        """Whether to skip an update of this loss and gradient norm; recorded."""
+        skip = bool(skip_update(torch.tensor(loss, dtype=torch.float64),
+                                torch.tensor(grad_norm, dtype=torch.float64),
+                                self.skip_threshold))
+        self.record(skip)
+        return skip
+
+    def record(self, skip: bool) -> None:
         self.skipped += skip
         self.recent.append(skip)
-        return skip
 
     def stall_warning(self, step: int) -> str | None:
         """A warning when over half of the last SKIP_WINDOW updates were skipped, at most once
