@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from progvae.config import load_config
 from progvae.stages.stage1 import train_stage1
@@ -215,8 +216,11 @@ def test_updates_over_the_skip_threshold_are_skipped_counted_and_warned_about(tm
     summary = train_stage1(config, tmp_path / "run", quiet=True)
     assert summary["skipped"] == 101
     assert summary["multiplier"] == config.multiplier_init    # skipped updates move nothing
-    final = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
-    assert all(torch.equal(initial[name], final[name]) for name in initial)
+    final = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    for weights in ("model", "ema"):     # nor the parameters or their average
+        assert all(torch.equal(initial[name], final[weights][name]) for name in initial)
+    adam = final["optimizer"]["state"]   # and Adam counted no step (found_inf undoes it)
+    assert adam and all(float(state["step"]) == 0 for state in adam.values())
     assert "updates were skipped" in capsys.readouterr().err.replace("\n", " ")
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["skipped"] == 101
@@ -247,6 +251,46 @@ def test_the_skip_rule_and_its_stall_warning_at_most_once_per_window():
     restored = SkipRecord(0.0)
     restored.load_state_dict(record.state_dict())
     assert restored.skipped == record.skipped and list(restored.recent) == list(record.recent)
+
+
+class _ScalarReads(TorchDispatchMode):
+    """Counts the reads of a tensor's value by the host that pass through the dispatcher:
+    item(), float(t), int(t), bool(t) (each an aten._local_scalar_dense)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("controller", ["lagrangian", "geco", "dco"])
+def test_an_update_never_waits_for_the_host_and_its_metrics_are_read_a_step_later(
+        tmp_path, monkeypatch, controller):
+    """The skip decision, Adam, the EMA and the controller's multiplier step all stay on the
+    device: an update reads no value back (on CUDA each such read would stall the GPU until the
+    step is done). Its metrics reach the host only when collected, a step later in the loop."""
+    from progvae.stages.stage1 import Stage1Objective
+    from progvae.training.controllers import build_controller
+
+    trainer, _ = _tiny_trainer(tmp_path, controller=controller, distortion_target=0.05)
+    trainer.objective = Stage1Objective(build_controller(trainer.config))
+    trainer.loss_module.objective = trainer.objective
+    trainer.train_step()                                 # the first: Adam creates its state
+    listed = []
+    original_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist",
+                        lambda self: listed.append(1) or original_tolist(self))
+    with _ScalarReads() as reads:
+        trainer.update()
+        trainer.update()
+    assert (reads.count, len(listed)) == (0, 0)
+    first, second = trainer.pending
+    assert [values["lr"] for values in trainer.collect(keep=1)] == [first.lr]
+    assert trainer.pending == [second] and len(listed) == 1
+    assert trainer.step == 3 and trainer.objective.controller.updates == 3
 
 
 def _tiny_trainer(tmp_path, **fields):

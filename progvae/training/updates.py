@@ -26,8 +26,13 @@ def update_ema(ema_model: nn.Module, model: nn.Module, rate: float,
                applied: torch.Tensor | None = None) -> None:
     """ema <- rate * ema + (1 - rate) * parameters, where `applied` (a 0-d bool tensor on the
     device; None: always): a skipped update leaves the EMA as it was, decided on the device."""
-    weight = 1.0 - rate if applied is None else applied.to(torch.float32) * (1.0 - rate)
-    torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), weight)
+    averages, parameters = list(ema_model.parameters()), list(model.parameters())
+    if applied is None:
+        torch._foreach_lerp_(averages, parameters, 1.0 - rate)
+        return
+    # One weight tensor per parameter: a lone 0-d weight tensor would be read by the host.
+    weight = applied.to(torch.float32) * (1.0 - rate)
+    torch._foreach_lerp_(averages, parameters, [weight] * len(averages))
 
 
 def skip_update(loss: torch.Tensor, grad_norm: torch.Tensor, threshold: float) -> torch.Tensor:
