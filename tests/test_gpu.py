@@ -34,3 +34,29 @@ def test_a_stage_one_run_on_cuda_trains_resumes_and_evaluates(tmp_path):
                                timeout=900)
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads((out / "eval.json").read_text())["mse"] == summary["mse"]
+
+
+def test_a_cuda_update_never_waits_for_the_host(tmp_path):
+    """The skip decision, Adam, the EMA and the multiplier all stay on the GPU: under CUDA's
+    synchronisation debug mode set to "error", two updates (after the first, which creates
+    Adam's state) make no synchronising call; their metrics wait, queued, for `collect`."""
+    from progvae.config import load_config
+    from progvae.data.loading import load_data_for
+    from progvae.kinds import KINDS
+    from progvae.stages.stage1 import Stage1Objective
+    from progvae.training.controllers import build_controller
+    from progvae.training.trainer import Trainer
+
+    config = load_config("digits", {"steps": 10, "compile": "false", "image_channels": 1,
+                                    "distortion_target": 0.05, "tensorboard": False})
+    trainer = Trainer(KINDS["stage1"].build(config), Stage1Objective(build_controller(config)),
+                      config, load_data_for(config), tmp_path, "stage1", quiet=True)
+    assert trainer.device.type == "cuda"
+    trainer.train_step()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        trainer.update()
+        trainer.update()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(trainer.pending) == 2 and len(trainer.collect()) == 2
