@@ -371,6 +371,30 @@ def test_a_controller_state_without_counters_resumes_them_at_zero():
     assert fresh.multiplier == controller.multiplier
 
 
+def test_controller_states_saved_by_earlier_versions_resume():
+    """Earlier versions stepped the multiplier with torch.optim.Adam (lagrangian, rate) and SGD
+    (dco) and saved their state dicts; those checkpoints resume with the same moments."""
+    lagrangian = make("lagrangian")
+    lagrangian.load_state_dict({
+        "name": "lagrangian", "updates": 5, "saturated_updates": 2, "lam": 0.75,
+        "tracked": 0.012, "optimizer": {"state": {0: {   # lam was a float64 parameter
+            "step": torch.tensor(5.0), "exp_avg": torch.tensor(-0.002, dtype=torch.float64),
+            "exp_avg_sq": torch.tensor(4e-6, dtype=torch.float64)}},
+                                        "param_groups": [{"params": [0]}]}})
+    assert (lagrangian.multiplier, lagrangian.updates) == (0.75, 5)
+    assert float(lagrangian.second_moment) == 4e-6 and float(lagrangian.adam_steps) == 5.0
+    assert lagrangian.state_dict()["tracked"] == 0.012
+    dco = make("dco")
+    dco.load_state_dict({"name": "dco", "log_lam": 2.0, "optimizer": {
+        "state": {0: {"momentum_buffer": torch.tensor(0.25, dtype=torch.float64)}},
+        "param_groups": [{"params": [0]}]}})
+    assert float(dco.log_lam) == 2.0 and dco.state_dict()["momentum_buffer"] == 0.25
+    fresh = make("dco")
+    fresh.load_state_dict({"name": "dco", "log_lam": 2.0,
+                           "optimizer": {"state": {}, "param_groups": [{"params": [0]}]}})
+    assert fresh.state_dict()["momentum_buffer"] is None     # no update yet: starts afresh
+
+
 # ---------------------------------------------------------------------------------------------
 # exact objectives, settings ranges and summaries (from the mutation pass)
 def test_each_fixed_or_normalised_objective_has_its_papers_value():
