@@ -19,7 +19,7 @@ import fire
 from progvae.errors import TrainingInterrupted, UserError
 
 DEMO_TARGET = 0.02
-DEMO_STEPS = 1600          # stage one; the `digits` preset's 2,400 take a minute and a half more
+DEMO_STEPS = 1600          # stage one; the `digits` preset's 2,400 take 90 to 105 s more
 DEMO_STAGE2_STEPS = 600
 DEMO_PIXEL_TEMPERATURE = 0.0   # OUT/samples.png: each pixel at its most probable value
 DEMO_FID_SAMPLES = 1000   # fid_digits samples: a few seconds on CPU
