@@ -326,6 +326,26 @@ def test_the_ema_moves_toward_the_weights_by_one_minus_its_rate_each_applied_upd
     assert changed > 0
 
 
+def test_a_skipped_update_after_applied_ones_leaves_weights_ema_adam_and_multiplier(tmp_path):
+    """Decided on the device, a skip must still gate everything: after an applied update the EMA
+    differs from the weights, so an EMA step that ignored the skip would show."""
+    trainer, _ = _tiny_trainer(tmp_path, ema_rate=0.75)
+    trainer.train_step()                                     # applied: all of them move
+    before = {"model": {key: value.clone() for key, value in trainer.model.state_dict().items()},
+              "ema": {key: value.clone() for key, value in trainer.ema_model.state_dict().items()}}
+    adam_steps = [float(state["step"]) for state in trainer.optimizer.state.values()]
+    controller = trainer.objective.controller
+    multiplier, updates = controller.multiplier, controller.updates
+    trainer.skips.skip_threshold = 1e-12                     # every norm is over it now
+    values = trainer.train_step()
+    assert values["grad_norm"] > 1e-12 and trainer.skipped == 1
+    for name, module in (("model", trainer.model), ("ema", trainer.ema_model)):
+        now = module.state_dict()
+        assert all(torch.equal(now[key], value) for key, value in before[name].items()), name
+    assert [float(state["step"]) for state in trainer.optimizer.state.values()] == adam_steps
+    assert (controller.multiplier, controller.updates) == (multiplier, updates)
+
+
 class _FailsInBackward(torch.autograd.Function):
     """Identity forward; its backward raises what a compiler that compiles backward lazily
     would raise there."""
