@@ -44,8 +44,8 @@ class PendingValues:
     """One update's metrics on their way to the host: on CUDA a non-blocking copy into pinned
     memory and an event behind it, so reading waits for that copy alone."""
 
-    def __init__(self, step: int, names: list[str], lr: float, values: torch.Tensor):
-        self.step, self.names, self.lr = step, names, lr
+    def __init__(self, names: list[str], lr: float, values: torch.Tensor):
+        self.names, self.lr = names, lr
         self.event = None
         if values.device.type == "cuda":
             values = values.to("cpu", non_blocking=True)
@@ -224,7 +224,7 @@ class Trainer:
         self.objective.after_update(values, applied)
         self.step += 1
         record = torch.cat([reduced, skip.to(reduced.dtype)[None]])
-        self.pending.append(PendingValues(self.step, [*names, SKIP_FLAG], lr, record))
+        self.pending.append(PendingValues([*names, SKIP_FLAG], lr, record))
 
     def collect(self, keep: int = 0) -> list[dict[str, float]]:
         """The metrics of the updates made but not yet read, oldest first, all but the newest
