@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from progvae.atomic import atomic_write_bytes, writable_folder, writable_output
 from progvae.codec import Codec, prefix_bytes, read_pvc
@@ -22,7 +23,9 @@ def load_codec(run: str) -> Codec:
         raise UserError("Pass --run=RUN, a stage one trained with --latents=quantized (a run "
                         "directory or an exported model).")
     _, model, _ = load_model(run)
-    return Codec(model, f"'{run}'")
+    # The codec computes in the default layout whatever the run trained in, so a file
+    # decodes with exactly the arithmetic that encoded it.
+    return Codec(model.to(memory_format=torch.contiguous_format), f"'{run}'")
 
 
 def image_files(images: str) -> list[Path]:

@@ -16,7 +16,7 @@ from torch import nn
 
 from progvae.training import dist
 from progvae.atomic import atomic_write_json
-from progvae.training import history
+from progvae.training import history, performance
 from progvae.training.checkpoint import CHECKPOINT, load_checkpoint, load_run_config
 from progvae.training.history import HISTORY
 from progvae.config import ARCHITECTURE_FIELDS, Config
@@ -199,6 +199,9 @@ def _network(kind_name, config: Config, weights: dict, step: int, source: str, d
     model.load_state_dict(weights)
     refuse_non_finite_weights(model, source)
     model.to(device).eval().requires_grad_(False)
+    if performance.use_channels_last(config, torch.device(device)):
+        # The layout training evaluated it in, so `evaluate` repeats its numbers exactly.
+        model.to(memory_format=torch.channels_last)
     info = {"stage": kind.name, "kind": kind, "step": step, "finished": step >= config.steps}
     return config, model, info
 

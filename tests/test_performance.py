@@ -96,7 +96,7 @@ def test_activation_checkpointing_recomputes_blocks_and_gives_the_same_gradients
     saving.load_state_dict(model.state_dict())
     calls = {"plain": 0, "saving": 0}
     for name, network in (("plain", model), ("saving", saving)):
-        network.decoder.blocks[-1].prior.register_forward_pre_hook(
+        network.decoder.blocks[-1].resnet.register_forward_pre_hook(
             lambda *args, name=name: calls.__setitem__(name, calls[name] + 1))
     loss, gradient = loss_and_gradient(LossModule(model, objective()), model, noise=noise)
     loss_saving, gradient_saving = loss_and_gradient(LossModule(saving, objective()), saving,

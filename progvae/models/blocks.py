@@ -115,8 +115,12 @@ class Block(nn.Module):
                 last.weight.mul_(output_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in, H, W) -> (B, out, H/d, W/d)
-        h = x
-        for layer in self.convs:
+        return self.finish(x, self.convs[0](F.gelu(x)))
+
+    def finish(self, x: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
+        """The block after its first convolution, given that convolution's output h (a caller
+        may compute it together with other blocks' first convolutions)."""
+        for layer in self.convs[1:]:
             h = layer(F.gelu(h))
         if self.residual:
             h = x + h

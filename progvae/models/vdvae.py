@@ -74,7 +74,16 @@ class GroupOutput(NamedTuple):
 
 
 class DecoderBlock(nn.Module):
-    """One top-down step: prior and posterior of latent group z_i, then a residual block."""
+    """One top-down step: prior and posterior of latent group z_i, then a residual block.
+
+    The posterior block reads [stream, encoder activation] (channel concatenation, as VDVAE)
+    and the prior block reads the stream. Both begin with GELU and a 1x1 convolution, so the
+    concatenation is never built: the stream's GELU is computed once and one convolution makes
+    the prior's first layer and the stream's part of the posterior's, while the encoder
+    activation's part (`encoder_term`) comes from the decoder, which computes it for every
+    block of a resolution in one convolution (`Decoder.encoder_terms`). The parameters and
+    the function are VDVAE's; only the order of the sums differs (float rounding).
+    """
 
     def __init__(self, spec: BlockSpec, width: int, zdim: int, bottleneck_multiple: float,
                  n_blocks: int, precision_weighted: bool, quantized: bool = False):
@@ -85,7 +94,7 @@ class DecoderBlock(nn.Module):
         self.width = width
         self.zdim = zdim
         self.precision_weighted = precision_weighted
-        middle = int(width * bottleneck_multiple)
+        self.middle = middle = int(width * bottleneck_multiple)
         spatial = spec.resolution > 2
         scale = residual_scale(n_blocks)
         # q(z_i | stream, encoder activation): sees the stream and the bottom-up features.
@@ -99,25 +108,38 @@ class DecoderBlock(nn.Module):
         self.resnet = Block(width, middle, width, spatial=spatial, residual=True,
                             output_scale=scale)
 
-    def forward(self, stream: torch.Tensor, encoder_activation: torch.Tensor | None = None,
+    def forward(self, stream: torch.Tensor, encoder_term: torch.Tensor | None = None,
                 given_latent: torch.Tensor | None = None, temperature: float = 1.0,
                 noise: NoiseShard | None = None, latent_rule: LatentRule | None = None
                 ) -> GroupOutput:
-        """One step of the top-down pass (see `GroupOutput`); `noise` says which slice of the
-        global batch's noise to draw under torchrun. A `latent_rule` (the codec's) picks the
-        latent from the prior and, given an encoder activation, the posterior mean."""
-        prior_mean, prior_logstd, stream_update = self.prior(stream).split(
+        """One step of the top-down pass (see `GroupOutput`). `encoder_term` (B, middle, r, r)
+        is the encoder activation's contribution to the posterior's first convolution
+        (`Decoder.encoder_terms`); without it z_i is not inferred. `noise` says which slice of
+        the global batch's noise to draw under torchrun. A `latent_rule` (the codec's) picks
+        the latent from the prior and, given an encoder term, the posterior mean."""
+        activated = F.gelu(stream)
+        first_prior = self.prior.convs[0]
+        posterior_first = None
+        if encoder_term is None:
+            prior_first = first_prior(activated)
+        else:   # both blocks' first layers on the stream in one convolution
+            first_posterior = self.posterior.convs[0]
+            weight = torch.cat([first_prior.weight, first_posterior.weight[:, :self.width]])
+            bias = torch.cat([first_prior.bias, first_posterior.bias])
+            prior_first, posterior_first = F.conv2d(activated, weight, bias).split(
+                [self.middle, self.middle], dim=1)
+            posterior_first = posterior_first + encoder_term
+        prior_mean, prior_logstd, stream_update = self.prior.finish(stream, prior_first).split(
             [self.zdim, self.zdim, self.width], dim=1)
         kl = posterior = None
         if latent_rule is not None:
             posterior_mean = None
-            if encoder_activation is not None:
-                posterior_mean, _ = self._posterior(stream, encoder_activation, prior_mean,
-                                                    prior_logstd)
+            if posterior_first is not None:
+                posterior_mean, _ = self._posterior(posterior_first, prior_mean, prior_logstd)
             latent = latent_rule(prior_mean, prior_logstd, posterior_mean)
-        elif encoder_activation is not None:
-            posterior_mean, posterior_logstd = self._posterior(stream, encoder_activation,
-                                                               prior_mean, prior_logstd)
+        elif posterior_first is not None:
+            posterior_mean, posterior_logstd = self._posterior(posterior_first, prior_mean,
+                                                               prior_logstd)
             if self.quantized:
                 # Training: the posterior is U(mean - 1/2, mean + 1/2) (zero entropy), so the
                 # KL is the code length of the noisy latent under the box-convolved prior;
@@ -141,11 +163,11 @@ class DecoderBlock(nn.Module):
         stream = stream + stream_update + self.latent_proj(latent)
         return GroupOutput(self.resnet(stream), latent, kl, posterior, (prior_mean, prior_logstd))
 
-    def _posterior(self, stream: torch.Tensor, encoder_activation: torch.Tensor,
-                   prior_mean: torch.Tensor, prior_logstd: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q(z_i | stream, encoder activation) as (mean, log std)."""
-        mean, logstd = self.posterior(torch.cat([stream, encoder_activation], dim=1)).chunk(2, 1)
+    def _posterior(self, first_layer: torch.Tensor, prior_mean: torch.Tensor,
+                   prior_logstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z_i | stream, encoder activation) as (mean, log std), given the output of the
+        posterior block's first convolution."""
+        mean, logstd = self.posterior.finish(None, first_layer).chunk(2, 1)
         if self.precision_weighted:
             mean, logstd = precision_weighted_merge(mean, logstd, prior_mean, prior_logstd)
         return mean, logstd
@@ -166,6 +188,8 @@ class Decoder(nn.Module):
             DecoderBlock(spec, widths[spec.resolution], zdim, bottleneck_multiple, len(specs),
                          precision_weighted, quantized) for spec in specs])
         resolutions = sorted({spec.resolution for spec in specs})
+        self.blocks_by_resolution = {r: [i for i, spec in enumerate(specs) if spec.resolution == r]
+                                     for r in resolutions}
         # A learned starting stream per resolution (zero-initialised), as in VDVAE.
         self.stream_init = nn.ParameterDict({
             str(r): nn.Parameter(torch.zeros(1, widths[r], r, r)) for r in resolutions})
@@ -211,6 +235,8 @@ class Decoder(nn.Module):
         else:
             raise ValueError("Decoder needs encoder activations, latents or a sample count n.")
         streams: dict[int, torch.Tensor] = {}
+        terms = (self.encoder_terms(encoder_activations) if encoder_activations is not None
+                 else [None] * len(self.blocks))
         all_latents, kls, posteriors, priors = [], [], [], []
         for index, block in enumerate(self.blocks):
             r = block.resolution
@@ -224,10 +250,9 @@ class Decoder(nn.Module):
                 upsampled = F.interpolate(streams[block.mixin], scale_factor=r // block.mixin,
                                           mode="nearest")
                 stream = stream + match_channels(upsampled, block.width)
-            activation = encoder_activations[r] if encoder_activations is not None else None
             given_latent = given[index] if index < len(given) else None
             rule = latent_rule(index) if latent_rule is not None else None
-            group = run_block(block, self.checkpointing, stream, activation, given_latent,
+            group = run_block(block, self.checkpointing, stream, terms[index], given_latent,
                               temperature, noise, rule)
             streams[r] = group.stream
             all_latents.append(group.latent)
@@ -238,6 +263,23 @@ class Decoder(nn.Module):
         features = streams[self.image_size] * self.out_gain + self.out_bias
         return {"features": features, "latents": all_latents, "kl": kls,
                 "posteriors": posteriors, "priors": priors}
+
+    def encoder_terms(self, encoder_activations: dict[int, torch.Tensor]
+                      ) -> list[torch.Tensor]:
+        """Each block's encoder term: W_a GELU(a_r), the part of its posterior's first 1x1
+        convolution (weight [W_stream | W_a] on GELU([stream, a_r])) that reads the encoder
+        activation a_r of its resolution. a_r is the same for every block of that resolution,
+        so its GELU and the convolutions of all those blocks are done once, as one
+        convolution with their W_a stacked: (B, middle, r, r) per block, top to bottom."""
+        terms: list[torch.Tensor] = [None] * len(self.blocks)
+        for resolution, indices in self.blocks_by_resolution.items():
+            blocks = [self.blocks[i] for i in indices]
+            weight = torch.cat([block.posterior.convs[0].weight[:, block.width:]
+                                for block in blocks])
+            stacked = F.conv2d(F.gelu(encoder_activations[resolution]), weight)
+            for index, term in zip(indices, stacked.split([b.middle for b in blocks], dim=1)):
+                terms[index] = term
+        return terms
 
 
 class VDVAE(nn.Module):

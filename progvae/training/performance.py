@@ -46,26 +46,58 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def use_channels_last(config: Config, device: torch.device) -> bool:
-    return _switch(config.channels_last, "channels_last", device)
+    """NHWC on CUDA and, since oneDNN's convolutions run about twice as fast in it on these
+    models' narrow layers, on the CPU too."""
+    return _switch(config.channels_last, "channels_last", device, cpu_auto=True)
 
 
 def use_compile(config: Config, device: torch.device) -> bool:
     return _switch(config.compile, "compile", device)
 
 
-def _switch(value: str, name: str, device: torch.device) -> bool:
+def _switch(value: str, name: str, device: torch.device, cpu_auto: bool = False) -> bool:
     if value not in ("auto", "true", "false"):
         raise UserError(f"{name} must be auto, true or false, got '{value}'.")
-    return value == "true" or (value == "auto" and device.type == "cuda")
+    return value == "true" or (value == "auto" and (device.type == "cuda" or cpu_auto))
 
 
 def configure_backends(device: torch.device) -> None:
     """cuDNN autotuning and TF32 matmuls/convolutions on CUDA (fp32 accuracy is kept for the
-    reductions that matter: KL and likelihood are computed in fp32 tensors)."""
+    reductions that matter: KL and likelihood are computed in fp32 tensors); on the CPU, a
+    malloc that keeps freed memory for reuse (`keep_freed_memory`)."""
+    if device.type == "cpu":
+        keep_freed_memory()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+# glibc mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD_MAX = 32 * 2 ** 20   # the largest glibc accepts on 64-bit machines
+TRIM_THRESHOLD_MAX = 2 ** 31 - 1    # an int
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep the memory that tensors free for the next ones, rather than
+    handing it back to the operating system; returns whether it could (Linux with glibc).
+
+    By default glibc maps every block over a (dynamic) threshold fresh from the kernel and trims
+    freed memory at the top of the heap, so each training step pays a page fault per 4 KiB of
+    the activations it allocates: about 115,000 faults, 450 MB, per step of the `svhn` blocks
+    at width 64, and 8.2 against 10.3 images/s with them gone. Blocks up to 32 MiB then come
+    from the heap and the heap is not trimmed, so the process keeps its peak memory while it
+    runs (as jemalloc and tcmalloc, which PyTorch recommends for CPUs, also do)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
+                    and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_MAX))
+    except (OSError, AttributeError):   # not glibc (musl, an embedded libc): leave it be
+        return False
 
 
 def compiled_or_eager(module: nn.Module, enabled: bool) -> nn.Module:
