@@ -193,3 +193,30 @@ def test_every_convolution_bias_starts_at_zero_as_in_vdvae():
         assert len(convs) > 20
         assert all(torch.count_nonzero(m.bias) == 0 for m in convs)
         assert any(torch.count_nonzero(m.weight) > 0 for m in convs)
+
+
+def test_each_posterior_and_prior_is_vdvaes_blocks_on_the_concatenation_and_the_stream():
+    """The decoder never builds [stream, encoder activation]; what it computes instead is still
+    VDVAE's q(z_i | .) = posterior block on the concatenation and p(z_i | .) = prior block on
+    the stream, at every group (the blocks run as plain modules on the streams they got)."""
+    model, config = _model("tiny")
+    model.eval()
+    streams = []
+    for block in model.decoder.blocks:
+        block.register_forward_pre_hook(lambda module, args: streams.append(args[0]))
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        # untrained priors are N(0, I) and the last convolutions start at zero: randomise them
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.05)
+        activations = model.encoder(x)
+        decoded = model.decoder(activations)
+        for block, stream, (q_mean, q_logstd), (p_mean, p_logstd) in zip(
+                model.decoder.blocks, streams, decoded["posteriors"], decoded["priors"]):
+            joined = torch.cat([stream, activations[block.resolution]], dim=1)
+            mean, logstd = block.posterior(joined).chunk(2, dim=1)
+            prior_mean, prior_logstd, _ = block.prior(stream).split(
+                [block.zdim, block.zdim, block.width], dim=1)
+            for got, want in ((q_mean, mean), (q_logstd, logstd), (p_mean, prior_mean),
+                              (p_logstd, prior_logstd)):
+                assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * want.abs().max())
