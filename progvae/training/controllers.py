@@ -196,7 +196,43 @@ class Controller:
         pass
 
 
-class LagrangianController(Controller):
+class BoundedMultiplier(Controller):
+    """What the `lagrangian` and `rate` schemes share: a weight lam in [minimum, maximum] on
+    the constrained term, moved by an exponential moving average (rate `ema`) of the
+    constrained quantity, and saturated at the top of that interval."""
+
+    def __init__(self, target: float, lam: float, minimum: float, maximum: float, ema: float):
+        super().__init__(target)
+        self.minimum, self.maximum, self.ema = minimum, maximum, ema
+        self.lam = torch.tensor(float(lam), dtype=torch.float64)
+        self.tracked = torch.zeros((), dtype=torch.float64)   # EMA of the constrained quantity
+        self.started = torch.zeros((), dtype=torch.float64)   # 1 once `tracked` holds a value
+
+    def multiplier_tensor(self) -> torch.Tensor:
+        return self.lam
+
+    def track(self, value: torch.Tensor) -> torch.Tensor:
+        """The moving average after `value` (the first value starts it)."""
+        return torch.where(self.started > 0,
+                           self.ema * self.tracked + (1.0 - self.ema) * value, value)
+
+    def at_bound(self) -> bool:
+        return self.saturated() or self.multiplier <= self.minimum * (1 + 1e-6)
+
+    def saturated_tensor(self) -> torch.Tensor:
+        return (self.lam >= self.maximum * (1 - 1e-9)).to(torch.float64)
+
+    def extra_state(self) -> dict:
+        return {"lam": self.multiplier,
+                "tracked": float(self.tracked) if bool(self.started) else None}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.lam.fill_(state["lam"])
+        self.started.fill_(state["tracked"] is not None)
+        self.tracked.fill_(state["tracked"] or 0.0)
+
+
+class LagrangianController(BoundedMultiplier):
     """Projected Lagrangian of paper 003 A.5 (= paper 002 B.2): distortion-targeted training.
 
     Model objective (eq. 10): minimise (1 - lam) * R + lam * D, lam held constant (read from
@@ -227,31 +263,18 @@ class LagrangianController(Controller):
     def __init__(self, target: float, init: float = 0.9999, minimum: float = 1e-4,
                  maximum: float = 0.9999, lr: float = 2e-4, beta2: float = 0.999,
                  ema: float = 0.99):
-        super().__init__(target)
-        self.minimum, self.maximum = minimum, maximum
-        self.lr, self.beta2, self.ema = lr, beta2, ema
-        self.lam = torch.tensor(float(init), dtype=torch.float64)
-        self.tracked = torch.zeros((), dtype=torch.float64)   # EMA of the constrained quantity
-        self.started = torch.zeros((), dtype=torch.float64)   # 1 once `tracked` holds a value
+        super().__init__(target, init, minimum, maximum, ema)
+        self.lr, self.beta2 = lr, beta2
         # Adam's second moment and step count (its first moment, at beta1 = 0, is the gradient)
         self.second_moment = torch.zeros((), dtype=torch.float64)
         self.adam_steps = torch.zeros((), dtype=torch.float64)
-
-    def multiplier_tensor(self) -> torch.Tensor:
-        return self.lam
-
-    def constrained_value(self, rate: torch.Tensor, distortion: torch.Tensor) -> torch.Tensor:
-        """The quantity held to the target: distortion here; rate for rate targeting."""
-        return distortion
 
     def loss(self, rate: torch.Tensor, distortion: torch.Tensor) -> torch.Tensor:
         lam = self.loss_inputs[0]
         return (1.0 - lam) * rate + lam * distortion
 
     def step(self, rate: torch.Tensor, distortion: torch.Tensor) -> dict[str, torch.Tensor]:
-        value = self.constrained_value(rate, distortion)
-        tracked = torch.where(self.started > 0,
-                              self.ema * self.tracked + (1.0 - self.ema) * value, value)
+        tracked = self.track(distortion)
         # Maximise lam * (tracked - target), i.e. descend its negative, whose gradient in lam
         # is -(tracked - target): torch's Adam step with betas (0, beta2), done on the device.
         grad = -(tracked - self.target)
@@ -262,22 +285,13 @@ class LagrangianController(Controller):
         return {"tracked": tracked, "started": torch.ones_like(self.started),
                 "second_moment": second_moment, "adam_steps": steps, "lam": lam}
 
-    def at_bound(self) -> bool:
-        return self.saturated() or self.multiplier <= self.minimum * (1 + 1e-6)
-
-    def saturated_tensor(self) -> torch.Tensor:
-        return (self.lam >= self.maximum * (1 - 1e-9)).to(torch.float64)
-
     def extra_state(self) -> dict:
-        return {"lam": self.multiplier,
-                "tracked": float(self.tracked) if bool(self.started) else None,
+        return {**super().extra_state(),
                 "adam": {"second_moment": float(self.second_moment),
                          "steps": float(self.adam_steps)}}
 
     def load_extra_state(self, state: dict) -> None:
-        self.lam.fill_(state["lam"])
-        self.started.fill_(state["tracked"] is not None)
-        self.tracked.fill_(state["tracked"] or 0.0)
+        super().load_extra_state(state)
         second_moment, steps = 0.0, 0.0
         if "adam" in state:
             second_moment, steps = state["adam"]["second_moment"], state["adam"]["steps"]
@@ -288,7 +302,7 @@ class LagrangianController(Controller):
         self.adam_steps.fill_(steps)
 
 
-class RateController(Controller):
+class RateController(BoundedMultiplier):
     """Rate targeting (gamma-optimal training), paper 003 §4.1 (lambda*) and A.5 with the roles
     of R and D swapped: minimise (1 - eta) * D + eta * R with eta held constant, and move eta
     so that R_ema, the moving average (rate `rate_ema`) of the detached batch rate in nats per
@@ -339,25 +353,17 @@ class RateController(Controller):
     def __init__(self, target: float, init: float = 0.9999, minimum: float = 1e-4,
                  maximum: float = 0.9999, integral_gain: float = 0.1,
                  proportional_gain: float = 1.0, ema: float = 0.9):
-        super().__init__(target)
-        self.minimum, self.maximum = minimum, maximum
-        self.integral_gain, self.proportional_gain, self.ema = integral_gain, proportional_gain, ema
         eta = min(max(1.0 - init, minimum), maximum)
+        super().__init__(target, eta, minimum, maximum, ema)
+        self.integral_gain, self.proportional_gain = integral_gain, proportional_gain
         self.integral = torch.tensor(math.log(eta), dtype=torch.float64)   # I
-        self.lam = torch.tensor(eta, dtype=torch.float64)
-        self.tracked = torch.zeros((), dtype=torch.float64)   # R_ema
-        self.started = torch.zeros((), dtype=torch.float64)   # 1 once `tracked` holds a value
-
-    def multiplier_tensor(self) -> torch.Tensor:
-        return self.lam
 
     def loss(self, rate: torch.Tensor, distortion: torch.Tensor) -> torch.Tensor:
         eta = self.loss_inputs[0]
         return (1.0 - eta) * distortion + eta * rate
 
     def step(self, rate: torch.Tensor, distortion: torch.Tensor) -> dict[str, torch.Tensor]:
-        tracked = torch.where(self.started > 0,
-                              self.ema * self.tracked + (1.0 - self.ema) * rate, rate)
+        tracked = self.track(rate)
         error = (tracked - self.target) / self.target
         low, high = math.log(self.minimum), math.log(self.maximum)
         integral = (self.integral + self.integral_gain * error).clamp(low, high)
@@ -366,22 +372,13 @@ class RateController(Controller):
         return {"tracked": tracked, "started": torch.ones_like(self.started),
                 "integral": integral, "lam": lam}
 
-    def at_bound(self) -> bool:
-        return self.saturated() or self.multiplier <= self.minimum * (1 + 1e-6)
-
-    def saturated_tensor(self) -> torch.Tensor:
-        return (self.lam >= self.maximum * (1 - 1e-9)).to(torch.float64)
-
     def extra_state(self) -> dict:
-        return {"lam": self.multiplier, "integral": float(self.integral),
-                "tracked": float(self.tracked) if bool(self.started) else None}
+        return {**super().extra_state(), "integral": float(self.integral)}
 
     def load_extra_state(self, state: dict) -> None:
-        self.lam.fill_(state["lam"])
+        super().load_extra_state(state)
         # A checkpoint of the earlier Adam-stepped scheme carries no integral: its eta is one.
         self.integral.fill_(state.get("integral", math.log(max(state["lam"], 1e-300))))
-        self.started.fill_(state["tracked"] is not None)
-        self.tracked.fill_(state["tracked"] or 0.0)
 
 
 class GECOController(Controller):
