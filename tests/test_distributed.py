@@ -75,6 +75,7 @@ def one_and_two_processes(tmp_path, kind: str, *flags: str) -> tuple[dict, dict]
     return checkpoint(tmp_path / "one"), checkpoint(tmp_path / "two")
 
 
+@pytest.mark.slow   # end to end, about 58 s on 2 cores: keeps the default suite under 6 min
 @pytest.mark.parametrize("kind", ["vdvae", "joint", "stage2"])
 def test_the_elbo_kinds_under_ddp_match_one_process(tmp_path, kind):
     flags = []
@@ -91,6 +92,7 @@ def test_the_elbo_kinds_under_ddp_match_one_process(tmp_path, kind):
     assert two["skipped"] == 0
 
 
+@pytest.mark.slow   # end to end, about 19 s on 2 cores: keeps the default suite under 6 min
 def test_every_rank_skips_the_same_updates(tmp_path):
     """A skip threshold no gradient can stay under: both ranks skip every update together (a
     rank that stepped alone would leave the replicas apart or hang at the next collective)."""
@@ -102,6 +104,7 @@ def test_every_rank_skips_the_same_updates(tmp_path):
     assert one["objective"] == two["objective"]     # the multiplier never moved either
 
 
+@pytest.mark.slow   # end to end, about 18 s on 2 cores: keeps the default suite under 6 min
 def test_a_killed_worker_is_restarted_and_the_run_finishes(tmp_path):
     """Rank 1 is killed (SIGKILL) after update 12, two past the checkpoint at 10; torchrun
     restarts both workers, which resume from step 10 and finish."""
@@ -155,6 +158,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_and_the_run_resu
     assert steps == list(range(1, 9))
 
 
+@pytest.mark.slow   # end to end, about 8 s on 2 cores: keeps the default suite under 6 min
 def test_a_missing_peer_ends_the_run_at_its_timeout_instead_of_hanging(tmp_path):
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}   # the store binds a free port
@@ -189,6 +193,7 @@ def test_gather_rows_concatenates_uneven_shares_in_rank_order(tmp_path):
     assert torch.equal(gathered, expected.unsqueeze(1).repeat(1, 2))
 
 
+@pytest.mark.slow   # end to end, about 24 s on 2 cores: keeps the default suite under 6 min
 def test_evaluate_under_torchrun_counts_every_image_once(tmp_path):
     run = tmp_path / "run"
     trained = subprocess.run([sys.executable, "-m", "progvae", "stage1", *COMMON, "--steps=4",
@@ -247,6 +252,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow   # end to end, about 27 s on 2 cores: keeps the default suite under 6 min
 def test_rank_zero_decides_the_resume_when_other_ranks_cannot_see_the_run(tmp_path):
     """Two nodes without a shared --out, played by two processes with different --out: rank 0's
     holds a checkpoint at step 4, rank 1's is empty. Every rank resumes from step 4 (rank 1

@@ -115,6 +115,7 @@ def test_a_signal_checkpoints_the_current_step_and_the_run_resumes_exactly(strai
     assert_same_run(straight, out)
 
 
+@pytest.mark.slow   # end to end, about 12 s on 2 cores: keeps the default suite under 6 min
 def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once(tmp_path):
     out = tmp_path / "early"
     early = [*RESUME_ARGS[:3], "--n_grid=4", "--steps=8", "--checkpoint_every=0", "--log_every=2",
@@ -128,6 +129,7 @@ def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once(tmp_path):
     assert [line["step"] for line in metrics_without_time(out)] == [2, 4, 6, 8]
 
 
+@pytest.mark.slow   # end to end, about 16 s on 2 cores: keeps the default suite under 6 min
 def test_a_torn_log_line_and_stale_temporary_files_are_cleaned_up_on_resume(tmp_path):
     out = tmp_path / "torn"
     args = [sys.executable, "-m", "progvae", *RESUME_ARGS[:3], "--n_grid=4", "--steps=4",
