@@ -197,6 +197,6 @@ def test_on_the_cpu_freed_tensor_memory_is_reused_without_page_faults():
                               text=True, check=True)
         return int(done.stdout.split()[-1])
 
-    default, kept = faults("default"), faults("keep")
-    assert default > 10 * 8 * 1000           # about 4,096 pages a tensor
-    assert kept < default / 20
+    # glibc's defaults fault the maps in afresh each step in some processes (327,360 faults
+    # here, about 4,096 pages a map) and not in others, so only the kept case is asserted.
+    assert faults("keep") < 10 * 8 * 1000 / 20
