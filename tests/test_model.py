@@ -8,7 +8,8 @@ import torch
 from progvae.models.blocks import BlockSpec, parse_block_string
 from progvae.config import load_config
 from progvae.models.distributions import (NoiseShard, gaussian_kl, gaussian_log_ratio,
-                                          gaussian_sample, precision_weighted_merge,
+                                          gaussian_sample, gaussian_sample_with_kl,
+                                          precision_weighted_merge,
                                           standard_normal_like)
 from progvae.errors import UserError
 from progvae.models.vdvae import VDVAE
@@ -80,6 +81,39 @@ def test_a_reparameterised_sample_is_mean_plus_temperature_times_std_times_noise
     drawn = gaussian_sample(mean, logstd)               # the posterior's draw: temperature 1
     torch.manual_seed(2)
     assert torch.allclose(drawn, mean + logstd.exp() * torch.randn(5))
+
+
+def test_the_fused_draw_and_kl_equal_the_two_functions_in_value_and_gradient():
+    """The decoder draws z ~ q and takes KL(q || p) in one autograd node with a written-out
+    backward; it must be gaussian_sample and gaussian_kl to float rounding, gradients too."""
+    torch.manual_seed(3)
+    inputs = [torch.randn(2, 4, 3, 3, dtype=torch.float64) for _ in range(4)]
+    fused_inputs = [t.clone().requires_grad_() for t in inputs]
+    plain_inputs = [t.clone().requires_grad_() for t in inputs]
+    torch.manual_seed(4)
+    latent, kl = gaussian_sample_with_kl(*fused_inputs)
+    torch.manual_seed(4)
+    plain_latent = gaussian_sample(*plain_inputs[:2])
+    plain_kl = gaussian_kl(*plain_inputs)
+    assert torch.allclose(latent, plain_latent, atol=1e-12)
+    assert torch.allclose(kl, plain_kl, atol=1e-12)
+    upstream_latent, upstream_kl = torch.randn_like(latent), torch.randn_like(kl)
+    fused = torch.autograd.grad((latent * upstream_latent).sum() + (kl * upstream_kl).sum(),
+                                fused_inputs)
+    plain = torch.autograd.grad((plain_latent * upstream_latent).sum()
+                                + (plain_kl * upstream_kl).sum(), plain_inputs)
+    for got, want in zip(fused, plain):
+        assert torch.allclose(got, want, atol=1e-12)
+    # Only the KL's gradient (the latent unused) and only the latent's.
+    latent, kl = gaussian_sample_with_kl(*fused_inputs)
+    assert torch.allclose(torch.autograd.grad(kl.sum(), fused_inputs[1])[0],
+                          torch.autograd.grad(gaussian_kl(*plain_inputs).sum(),
+                                              plain_inputs[1])[0], atol=1e-12)
+    # Reduced precision (autocast) takes the two functions, the KL still in float32.
+    halves = [t.to(torch.bfloat16) for t in inputs[:2]] + inputs[2:]
+    latent, kl = gaussian_sample_with_kl(*[t.float() if i > 1 else t
+                                           for i, t in enumerate(halves)])
+    assert latent.dtype == torch.bfloat16 and kl.dtype == torch.float32
 
 
 def test_block_string_parsing():

@@ -81,6 +81,58 @@ def gaussian_sample(mean: torch.Tensor, logstd: torch.Tensor, temperature: float
     return mean + temperature * torch.exp(logstd) * standard_normal_like(mean, shard)
 
 
+def gaussian_sample_with_kl(q_mean: torch.Tensor, q_logstd: torch.Tensor,
+                            p_mean: torch.Tensor, p_logstd: torch.Tensor,
+                            shard: NoiseShard | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A reparameterised draw z = q_mean + q_std * eps and the elementwise KL(q || p) in nats
+    (`gaussian_sample` and `gaussian_kl`, same values to float rounding) as one autograd node
+    with its derivatives written out: the draw and the KL share their intermediate maps, and
+    the backward pass is a few elementwise operations instead of one or two per operation of
+    the forward pass. Inputs of mixed precision (autocast) take the two functions apart, the KL
+    in float32."""
+    noise = standard_normal_like(q_mean, shard)
+    dtypes = {t.dtype for t in (q_mean, q_logstd, p_mean, p_logstd)}
+    if dtypes not in ({torch.float32}, {torch.float64}):
+        latent = q_mean + torch.exp(q_logstd) * noise
+        return latent, gaussian_kl(q_mean.float(), q_logstd.float(), p_mean.float(),
+                                   p_logstd.float())
+    return _SampleWithKl.apply(q_mean, q_logstd, p_mean, p_logstd, noise)
+
+
+class _SampleWithKl(torch.autograd.Function):
+    """z = m_q + s_q eps and KL = log s_p - log s_q + (s_q^2 + (m_q - m_p)^2) / (2 s_p^2) - 1/2,
+    so with r = s_q^2 / s_p^2 and d = (m_q - m_p) / s_p^2:
+    dz/dm_q = 1, dz/dlog s_q = s_q eps; dKL/dm_q = d = -dKL/dm_p;
+    dKL/dlog s_q = r - 1; dKL/dlog s_p = 1 - r - (m_q - m_p) d."""
+
+    @staticmethod
+    def forward(ctx, q_mean, q_logstd, p_mean, p_logstd, noise):
+        q_std = torch.exp(q_logstd)
+        spread = q_std * noise                       # dz / dlog s_q
+        latent = q_mean + spread
+        p_precision = torch.exp(p_logstd * -2.0)     # 1 / s_p^2
+        difference = q_mean - p_mean
+        ratio = q_std * q_std * p_precision          # r
+        scaled = difference * p_precision            # d
+        kl = (p_logstd - q_logstd).add_(ratio + difference * scaled, alpha=0.5).sub_(0.5)
+        ctx.save_for_backward(spread, ratio, difference, scaled)
+        return latent, kl
+
+    @staticmethod
+    def backward(ctx, grad_latent, grad_kl):
+        spread, ratio, difference, scaled = ctx.saved_tensors
+        if grad_latent is None:
+            grad_latent = torch.zeros_like(spread)
+        if grad_kl is None:
+            grad_kl = torch.zeros_like(spread)
+        grad_kl_mean = grad_kl * scaled
+        grad_q_mean = grad_latent + grad_kl_mean
+        grad_q_logstd = torch.addcmul(grad_latent * spread, grad_kl, ratio - 1.0)
+        grad_p_logstd = grad_kl * (1.0 - ratio - difference * scaled)
+        return grad_q_mean, grad_q_logstd, -grad_kl_mean, grad_p_logstd, None
+
+
 def precision_weighted_merge(encoder_mean: torch.Tensor, encoder_logstd: torch.Tensor,
                              prior_mean: torch.Tensor, prior_logstd: torch.Tensor
                              ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,8 +18,9 @@ from torch.utils.checkpoint import checkpoint
 from progvae.models.blocks import (Block, BlockSpec, conv, match_channels, parse_block_string,
                             parse_widths, residual_scale)
 from progvae.config import Config
-from progvae.models.distributions import (NoiseShard, box_gaussian_nll, gaussian_kl,
+from progvae.models.distributions import (NoiseShard, box_gaussian_nll,
                                           gaussian_log_ratio, gaussian_sample,
+                                          gaussian_sample_with_kl,
                                           precision_weighted_merge, quantized_latent,
                                           standard_normal_like, uniform_noise_like)
 from progvae.errors import UserError
@@ -148,10 +149,9 @@ class DecoderBlock(nn.Module):
                           if self.training else quantized_latent(posterior_mean, prior_mean))
                 kl = box_gaussian_nll(latent.float(), prior_mean.float(), prior_logstd.float())
             else:
-                latent = gaussian_sample(posterior_mean, posterior_logstd, shard=noise)
-                # KL in float32 even under reduced-precision autocast.
-                kl = gaussian_kl(posterior_mean.float(), posterior_logstd.float(),
-                                 prior_mean.float(), prior_logstd.float())
+                # One autograd node; the KL in float32 even under reduced-precision autocast.
+                latent, kl = gaussian_sample_with_kl(posterior_mean, posterior_logstd,
+                                                     prior_mean, prior_logstd, shard=noise)
             posterior = (posterior_mean, posterior_logstd)
         elif given_latent is not None:
             latent = given_latent
