@@ -102,12 +102,13 @@ class Config:
                                    "multiplier", minimum=0, below=1)
     rate_target: float = option(0.0, "rate: KL target in nats/dim (paper 003 A.5, last "
                                 "sentence)", minimum=0)
-    rate_integral_gain: float = option(0.1, "rate: log eta's integral term grows by this "
-                                       "times the relative rate error each update", above=0)
-    rate_proportional_gain: float = option(1.0, "rate: log eta = integral + this times the "
-                                           "relative rate error", minimum=0)
-    rate_ema: float = option(0.9, "rate: EMA of the batch rate that drives eta", minimum=0,
-                             below=1)
+    rate_integral_gain: float = option(0.1, "rate: the integral term of log(odds of eta / "
+                                       "D_ema) grows by this times the relative rate error "
+                                       "each update", above=0)
+    rate_proportional_gain: float = option(1.0, "rate: log(odds of eta / D_ema) = integral + "
+                                           "this times the relative rate error", minimum=0)
+    rate_ema: float = option(0.9, "rate: EMA of the batch rate and distortion that drive eta",
+                             minimum=0, below=1)
     geco_init: float = option(1.0, "geco: lam at step 0 (paper 004 Algorithm 1)", above=0)
     geco_lr: float = option(1.0, "geco: log lam += geco_lr * C_ma each update (Alg. 1 "
                             "caption)", above=0)

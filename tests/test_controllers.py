@@ -394,11 +394,17 @@ def test_controller_states_saved_by_earlier_versions_resume():
     fresh.load_state_dict({"name": "dco", "log_lam": 2.0,
                            "optimizer": {"state": {}, "param_groups": [{"params": [0]}]}})
     assert fresh.state_dict()["momentum_buffer"] is None     # no update yet: starts afresh
-    rate = make("rate")   # Adam-stepped before it was PI-controlled: its eta becomes I
-    rate.load_state_dict({"name": "rate", "updates": 9, "lam": 0.25, "tracked": 0.11,
-                          "adam": {"second_moment": 1e-4, "steps": 9.0}})
-    assert rate.multiplier == 0.25 and float(rate.integral) == pytest.approx(math.log(0.25))
-    assert rate.state_dict()["tracked"] == 0.11 and rate.updates == 9
+    # The rate scheme was Adam-stepped, then PI control of log eta (its integral log eta):
+    # both resume at their eta, and an update on the target leaves it there.
+    for earlier in ({"adam": {"second_moment": 1e-4, "steps": 9.0}},
+                    {"integral": math.log(0.25)}):
+        rate = make("rate")
+        rate.load_state_dict({"name": "rate", "updates": 9, "lam": 0.25, "tracked": RATE_TARGET,
+                              **earlier})
+        assert rate.multiplier == 0.25 and rate.updates == 9
+        assert rate.state_dict()["tracked"] == RATE_TARGET
+        rate.update(rate=RATE_TARGET, distortion=0.03)
+        assert rate.multiplier == pytest.approx(0.25)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,6 +531,24 @@ def lagging_model_rate(controller, steps: int) -> list[float]:
         controller.update(rate=rate, distortion=0.05)
         rates.append(rate)
     return rates
+
+
+def test_the_rate_controllers_weight_follows_a_learning_decoders_distortion():
+    """When the weight that holds the rate falls because the decoder learns (the distortion,
+    and with it the slope -dD/dR, falls ten-fold), the controller's odds follow the distortion
+    at once: the rate never strays far from its target, where control on the weight alone
+    lags behind the fall and leaves the rate under its target for most of the run."""
+    controller = make("rate", multiplier_init=0.5)
+    rate, worst = RATE_TARGET, 0.0
+    for step in range(200):
+        distortion = 0.5 * (0.05 / 0.5) ** min(1.0, step / 100)
+        holding_odds = 2.0 * distortion               # the odds that meet the target here
+        odds = controller.multiplier / (1.0 - controller.multiplier)
+        rate += 0.1 * (RATE_TARGET * (holding_odds / odds) ** 0.5 - rate)
+        controller.update(rate=rate, distortion=distortion)
+        worst = max(worst, abs(rate / RATE_TARGET - 1))
+    assert worst < 0.08
+    assert controller.multiplier / (1 - controller.multiplier) == pytest.approx(0.1, rel=0.05)
 
 
 def test_the_rate_controller_holds_its_target_while_the_model_lags_and_drifts():
