@@ -281,6 +281,7 @@ def test_rank_zero_decides_the_resume_when_other_ranks_cannot_see_the_run(tmp_pa
         assert torch.equal(resumed["model"][name], value), name
 
 
+@pytest.mark.slow
 def test_fid_reference_statistics_are_computed_once_shared_over_the_ranks(tmp_path):
     """On a cache miss under torchrun each rank extracts its share of the reference features;
     gathered, they give the statistics one process computes from all of them."""

@@ -91,7 +91,9 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(straight, tmp_
     assert_same_run(straight, killed)
 
 
-@pytest.mark.parametrize("name, code", [("TERM", 143), ("INT", 130), ("USR1", 138)])
+@pytest.mark.parametrize("name, code", [   # one signal by default: the same handler
+    ("TERM", 143), pytest.param("INT", 130, marks=pytest.mark.slow),
+    pytest.param("USR1", 138, marks=pytest.mark.slow)])
 def test_a_signal_checkpoints_the_current_step_and_the_run_resumes_exactly(straight, tmp_path,
                                                                            name, code):
     """SIGTERM (what SLURM and Kubernetes send), SIGINT (Ctrl-C) and SIGUSR1 after update 15:
