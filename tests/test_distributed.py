@@ -123,6 +123,7 @@ def test_a_killed_worker_is_restarted_and_the_run_finishes(tmp_path):
     assert steps_logged == list(range(2, 21, 2))
 
 
+@pytest.mark.slow
 def test_a_rank_that_raises_ends_every_rank_with_its_message(tmp_path):
     """Rank 1 raises after update 3 (one past the checkpoint at 2): rank 0, waiting for it in
     the next collective, ends too (a hang would end in TimeoutExpired, failing the test), the
@@ -138,6 +139,7 @@ def test_a_rank_that_raises_ends_every_rank_with_its_message(tmp_path):
     assert checkpoint(out)["step"] == 2
 
 
+@pytest.mark.slow
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_and_the_run_resumes(tmp_path):
     """SIGTERM reaches rank 1 alone after update 3; the ranks learn it from update 4's
     all-reduce, so both stop after update 4 with a checkpoint there; the same command then

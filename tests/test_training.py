@@ -20,8 +20,14 @@ RESUME_ARGS = ["stage1", "--config=digits", "--distortion_target=0.02", "--steps
                "--checkpoint_every=10", "--log_every=5", "--n_grid=4", "--quiet=True"]
 
 
+# A small network for the runs that are interrupted and resumed: exact resumption is under
+# test, not the model, and each of these runs starts a fresh interpreter twice.
+SMALL = ["--width=8", "--zdim=4", "--enc_blocks=16d2,8d2,4d4,1x1",
+         "--dec_blocks=1x1,4m1,8m4,16m8", "--num_threads=1"]
+
+
 def command(out: Path) -> list[str]:
-    return [sys.executable, "-m", "progvae", *RESUME_ARGS, f"--out={out}"]
+    return [sys.executable, "-m", "progvae", *RESUME_ARGS, *SMALL, f"--out={out}"]
 
 
 def in_process(args: list[str], *more: str) -> str:
