@@ -91,13 +91,12 @@ def gaussian_sample_with_kl(q_mean: torch.Tensor, q_logstd: torch.Tensor,
     the backward pass is a few elementwise operations instead of one or two per operation of
     the forward pass. Inputs of mixed precision (autocast) take the two functions apart, the KL
     in float32."""
-    noise = standard_normal_like(q_mean, shard)
     dtypes = {t.dtype for t in (q_mean, q_logstd, p_mean, p_logstd)}
     if dtypes not in ({torch.float32}, {torch.float64}):
-        latent = q_mean + torch.exp(q_logstd) * noise
-        return latent, gaussian_kl(q_mean.float(), q_logstd.float(), p_mean.float(),
-                                   p_logstd.float())
-    return _SampleWithKl.apply(q_mean, q_logstd, p_mean, p_logstd, noise)
+        return gaussian_sample(q_mean, q_logstd, shard=shard), gaussian_kl(
+            q_mean.float(), q_logstd.float(), p_mean.float(), p_logstd.float())
+    return _SampleWithKl.apply(q_mean, q_logstd, p_mean, p_logstd,
+                               standard_normal_like(q_mean, shard))
 
 
 class _SampleWithKl(torch.autograd.Function):

@@ -212,9 +212,14 @@ class BoundedMultiplier(Controller):
         return self.lam
 
     def track(self, value: torch.Tensor) -> torch.Tensor:
-        """The moving average after `value` (the first value starts it)."""
-        return torch.where(self.started > 0,
-                           self.ema * self.tracked + (1.0 - self.ema) * value, value)
+        """The moving average of the constrained quantity after `value`."""
+        return self.moving_average(value, self.tracked, self.started > 0)
+
+    def moving_average(self, value: torch.Tensor, average: torch.Tensor,
+                       started: torch.Tensor) -> torch.Tensor:
+        """`average` moved towards `value` at rate `ema`, or `value` itself where the average
+        has not `started` (the first value starts it)."""
+        return torch.where(started, self.ema * average + (1.0 - self.ema) * value, value)
 
     def at_bound(self) -> bool:
         return self.saturated() or self.multiplier <= self.minimum * (1 + 1e-6)
@@ -376,9 +381,8 @@ class RateController(BoundedMultiplier):
     def step(self, rate: torch.Tensor, distortion: torch.Tensor) -> dict[str, torch.Tensor]:
         tracked = self.track(rate)
         fresh = self.distortion_tracked <= 0
-        distortion_tracked = torch.where(
-            fresh, distortion, self.ema * self.distortion_tracked + (1.0 - self.ema) * distortion
-        ).clamp(min=self.SMALLEST_DISTORTION)
+        distortion_tracked = self.moving_average(distortion, self.distortion_tracked, ~fresh
+                                                 ).clamp(min=self.SMALLEST_DISTORTION)
         log_distortion = torch.log(distortion_tracked)
         error = (tracked - self.target) / self.target
         integral = torch.where(fresh, torch.logit(self.lam) - log_distortion, self.integral)
