@@ -499,3 +499,70 @@ def test_a_watched_run_writes_tensorboard_events_step_grids_and_curves_once_per_
     grids = sorted(path.name for path in (out / "images").iterdir())
     assert grids == ["step_000003_reconstructions.png", "step_000003_samples.png"]
     assert (out / "curves.png").stat().st_size > 10_000
+
+
+def test_flat_updates_equal_adam_clipping_and_the_ema_per_tensor_and_resume_from_either():
+    """Clipping, Adam and the EMA run on flat buffers; they must make the updates that
+    torch's per-tensor clip_grad_norm_, fused Adam and lerp make (channels_last weights
+    included), and checkpoints keep torch.optim.Adam's per-parameter format both ways."""
+    from progvae.training.updates import FlatParameters, update_ema
+
+    config = load_config("digits", {"lr": 0.01, "adam_beta2": 0.99, "weight_decay": 0.001})
+    torch.manual_seed(0)
+
+    def network():
+        torch.manual_seed(1)
+        layers = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.GELU(),
+                                     torch.nn.Conv2d(5, 2, 1), torch.nn.Flatten(),
+                                     torch.nn.Linear(2 * 6 * 6, 3))
+        layers[:3].to(memory_format=torch.channels_last)
+        return layers, [p.detach().clone() for p in layers.parameters()]
+
+    def loss(layers, seed):
+        generator = torch.Generator().manual_seed(seed)
+        images = torch.randn(4, 3, 8, 8, generator=generator)
+        return (layers(images) ** 2).sum() * 50   # gradients well over the clip
+
+    reference, reference_averages = network()
+    adam = torch.optim.Adam(reference.parameters(), lr=config.lr, fused=True,
+                            betas=(config.adam_beta1, config.adam_beta2),
+                            weight_decay=config.weight_decay)
+    flat_model, flat_averages = network()
+    flat = FlatParameters(list(flat_model.parameters()), flat_averages, config)
+    applied = torch.tensor(True)
+    for seed in range(3):
+        adam.zero_grad()
+        loss(reference, seed).backward()
+        norm = torch.nn.utils.clip_grad_norm_(list(reference.parameters()), 1.0)
+        adam.found_inf = torch.zeros(())
+        adam.step()
+        update_ema(reference_averages, [p.detach() for p in reference.parameters()], 0.9,
+                   applied)
+        flat.zero_grad()
+        loss(flat_model, seed).backward()
+        assert flat.clip_grad_norm(1.0).item() == pytest.approx(norm.item(), rel=1e-6)
+        flat.step(config.lr, ~applied)
+        flat.update_ema(0.9, applied)
+    for mine, theirs in zip([*flat_model.parameters(), *flat_averages],
+                            [*reference.parameters(), *reference_averages]):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7)
+    saved, expected = flat.optimizer_state_dict(), adam.state_dict()
+    assert saved["param_groups"] == expected["param_groups"]
+    for index, state in expected["state"].items():
+        for name, value in state.items():
+            torch.testing.assert_close(saved["state"][index][name], value, rtol=1e-4, atol=1e-8)
+    # a per-tensor checkpoint resumes on flat buffers: the next update is the reference's
+    resumed_model, resumed_averages = network()
+    resumed = FlatParameters(list(resumed_model.parameters()), resumed_averages, config)
+    with torch.no_grad():
+        for mine, theirs in zip(resumed_model.parameters(), reference.parameters()):
+            mine.copy_(theirs)
+    resumed.load_optimizer_state_dict(expected)
+    adam.zero_grad()
+    loss(reference, 9).backward()
+    adam.step()
+    resumed.zero_grad()
+    loss(resumed_model, 9).backward()
+    resumed.step(config.lr, ~applied)
+    for mine, theirs in zip(resumed_model.parameters(), reference.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7)

@@ -33,7 +33,8 @@ from progvae.training.objective import LossModule, Objective
 from progvae.training.rng_state import capture_rng_state, restore_rng_state
 from progvae.training.run_log import RunLog
 from progvae.training.stopping import StopRequests, injected_fault
-from progvae.training.updates import SkipRecord, skip_update, update_ema, warmup_learning_rate
+from progvae.training.updates import (FlatParameters, SkipRecord, skip_update, update_ema,
+                                      warmup_learning_rate)
 
 PROGRESS_KEYS = ("rate", "distortion", "multiplier", "nll")   # shown beside the progress bar
 STOP_FLAG = "_stop_asked"
@@ -81,22 +82,29 @@ class Trainer:
         if hasattr(objective, "to"):   # tensors its loss reads (a controller's multiplier)
             objective.to(self.device)
         self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        # Trainable parameters, their gradients, Adam's state and their EMA copies as views
+        # into flat buffers (before DDP sees the parameters); the EMA of the parameters that
+        # do not train is kept per tensor.
+        trainable = [p.requires_grad for p in self.model.parameters()]
+        averages = list(self.ema_model.parameters())
+        self.parameters = [p for p, train in zip(self.model.parameters(), trainable) if train]
+        self.flat = FlatParameters(
+            self.parameters, [a for a, train in zip(averages, trainable) if train], config)
+        self.optimizer = self.flat.optimizer
+        self.fixed = [p for p, train in zip(self.model.parameters(), trainable) if not train]
+        self.fixed_averages = [a for a, train in zip(averages, trainable) if not train]
         self.loss_module: nn.Module = LossModule(self.model, objective)
         if dist.is_distributed():
-            # Broadcasts rank 0's parameters, then averages gradients during backward; the
-            # gradients are views into its buckets, so there is no second copy of them.
+            # Broadcasts rank 0's parameters, then averages gradients during backward and
+            # copies the averages into the parameters' gradients, views of the flat buffer.
             self.loss_module = DistributedDataParallel(
-                self.loss_module, gradient_as_bucket_view=True,
+                self.loss_module, gradient_as_bucket_view=False,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None)
         # What a training step calls: the loss module, compiled where that is switched on.
         self.step_module = performance.compiled_or_eager(
             self.loss_module, performance.use_compile(config, self.device))
         # The first call of a compiled step compiles it: the one call guarded by the fallback.
         self.compiling = self.step_module is not self.loss_module
-        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(
-            self.parameters, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-            weight_decay=config.weight_decay, fused=True)   # one kernel, on CPU as on CUDA
         self.train_images = torch.from_numpy(data.train)
         self.noise = (NoiseShard(dist.rank(), dist.world_size()) if dist.is_distributed()
                       else None)
@@ -133,7 +141,7 @@ class Trainer:
             "elapsed": self.elapsed,
             "model": self.model.state_dict(),
             "ema": self.ema_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.flat.optimizer_state_dict(),
             "objective": self.objective.state_dict(),
             "sampler": self.sampler.state_dict(),
             "rng": capture_rng_state(),
@@ -158,7 +166,7 @@ class Trainer:
             return False
         self.model.load_state_dict(state["model"])
         self.ema_model.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.flat.load_optimizer_state_dict(state["optimizer"])
         self.objective.load_state_dict(state["objective"])
         self.sampler.load_state_dict(state["sampler"])
         self.skips.load_state_dict(state)
@@ -188,10 +196,8 @@ class Trainer:
         are read by `collect`."""
         config = self.config
         lr = warmup_learning_rate(config, self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.flat.zero_grad()
         totals: dict[str, torch.Tensor] = {}
         for micro_step in range(config.accumulate):
             images = self.next_batch()
@@ -203,7 +209,7 @@ class Trainer:
                 metrics = self.forward_backward(images)
             for name, value in metrics.items():
                 totals[name] = totals.get(name, 0.0) + value.detach().float() / config.accumulate
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, config.grad_clip)
+        grad_norm = self.flat.clip_grad_norm(config.grad_clip)
         # One all-reduce per step: the batch metrics, the gradient norm (identical on every
         # rank after DDP, so its mean is itself) and whether a rank was asked to stop. The loss
         # is the rank mean, non-finite if any rank's is, so every rank decides the same.
@@ -216,11 +222,9 @@ class Trainer:
         values = dict(zip(names, reduced.unbind()))
         skip = skip_update(values["loss"], values["grad_norm"], self.skips.skip_threshold)
         applied = ~skip
-        # Fused Adam reads found_inf on the device: 1 leaves the parameters and its state as
-        # they were (its step count included), as GradScaler's skipped steps do.
-        self.optimizer.found_inf = skip.to(torch.float32)
-        self.optimizer.step()
-        update_ema(self.ema_model, self.model, config.ema_rate, applied)
+        self.flat.step(lr, skip)
+        self.flat.update_ema(config.ema_rate, applied)
+        update_ema(self.fixed_averages, self.fixed, config.ema_rate, applied)
         self.objective.after_update(values, applied)
         self.step += 1
         record = torch.cat([reduced, skip.to(reduced.dtype)[None]])
@@ -270,7 +274,7 @@ class Trainer:
         except performance.compiler_errors() as error:
             performance.warn_compile_failed(error)
             self.step_module = self.loss_module
-            self.optimizer.zero_grad(set_to_none=True)   # the first micro-batch: none kept
+            self.flat.zero_grad()   # the first micro-batch: none kept
             return self._forward_backward(self.loss_module, images)
 
     def _forward_backward(self, module, images: torch.Tensor) -> dict[str, torch.Tensor]:
