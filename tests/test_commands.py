@@ -148,6 +148,10 @@ def test_progressive_then_report_end_to_end(runs, tmp_path):
     assert table["D_K"] == read(decoder / "summary.json")["distortion"]
     assert table["R_prime_K"] == read(gamma / "summary.json")["rate"]
     assert table["lambda_star_upper"] == read(gamma / "summary.json")["distortion"]
+    # the EMA spans at most 5% of a short run (2 steps: none, the final weights), and the
+    # same for both decoders
+    assert read(decoder / "config.json")["ema_rate"] == 0.0
+    assert read(gamma / "config.json")["ema_rate"] == 0.0
     progvae("evaluate", f"--run={decoder}", "--metrics=mse", "--num_threads=1")
     assert read(decoder / "eval.json")["mse"] == table["D_K"]
     progvae("sample", f"--run={gamma}", "--n=4", f"--out={tmp_path / 'g.png'}")

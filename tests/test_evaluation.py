@@ -388,6 +388,16 @@ def test_rate_of_the_first_groups_is_the_sum_of_their_kls():
     assert rate_k == pytest.approx(total / 7, rel=1e-6)
 
 
+def test_the_progressive_experiments_ema_spans_at_most_a_twentieth_of_its_run():
+    """A 200-step run from scratch with the VDVAE's 0.99 would report weights averaged over
+    half the run; at the paper's 800K steps the VDVAE's rate stands."""
+    from progvae.evaluation.experiments.progressive import experiment_ema_rate
+    assert experiment_ema_rate(0.99, 200) == pytest.approx(0.9)
+    assert experiment_ema_rate(0.99, 600) == pytest.approx(1 - 1 / 30)
+    assert experiment_ema_rate(0.9999, 800_000) == 0.9999
+    assert experiment_ema_rate(0.99, 10) == 0.0
+
+
 def test_progressive_experiment_end_to_end(vdvae_run, tmp_path):
     from progvae.evaluation.experiments.progressive import first_groups_rate, run_progressive
 
