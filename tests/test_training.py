@@ -542,7 +542,7 @@ def test_flat_updates_equal_adam_clipping_and_the_ema_per_tensor_and_resume_from
         loss(flat_model, seed).backward()
         assert flat.clip_grad_norm(1.0).item() == pytest.approx(norm.item(), rel=1e-6)
         flat.step(config.lr, ~applied)
-        flat.update_ema(0.9, applied)
+        update_ema([flat.averages], [flat.values], 0.9, applied)
     for mine, theirs in zip([*flat_model.parameters(), *flat_averages],
                             [*reference.parameters(), *reference_averages]):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7)

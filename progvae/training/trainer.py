@@ -83,16 +83,16 @@ class Trainer:
             objective.to(self.device)
         self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         # Trainable parameters, their gradients, Adam's state and their EMA copies as views
-        # into flat buffers (before DDP sees the parameters); the EMA of the parameters that
-        # do not train is kept per tensor.
-        trainable = [p.requires_grad for p in self.model.parameters()]
-        averages = list(self.ema_model.parameters())
-        self.parameters = [p for p, train in zip(self.model.parameters(), trainable) if train]
-        self.flat = FlatParameters(
-            self.parameters, [a for a, train in zip(averages, trainable) if train], config)
+        # into flat buffers (before DDP sees the parameters). The EMA lerps the flat buffer
+        # and, per tensor, the parameters that do not train.
+        pairs = list(zip(self.model.parameters(), self.ema_model.parameters()))
+        trained = [(p, average) for p, average in pairs if p.requires_grad]
+        fixed = [(p, average) for p, average in pairs if not p.requires_grad]
+        self.parameters = [p for p, _ in trained]
+        self.flat = FlatParameters(self.parameters, [average for _, average in trained], config)
         self.optimizer = self.flat.optimizer
-        self.fixed = [p for p, train in zip(self.model.parameters(), trainable) if not train]
-        self.fixed_averages = [a for a, train in zip(averages, trainable) if not train]
+        self.averaged = [self.flat.values, *(p for p, _ in fixed)]
+        self.averages = [self.flat.averages, *(average for _, average in fixed)]
         self.loss_module: nn.Module = LossModule(self.model, objective)
         if dist.is_distributed():
             # Broadcasts rank 0's parameters, then averages gradients during backward and
@@ -223,8 +223,7 @@ class Trainer:
         skip = skip_update(values["loss"], values["grad_norm"], self.skips.skip_threshold)
         applied = ~skip
         self.flat.step(lr, skip)
-        self.flat.update_ema(config.ema_rate, applied)
-        update_ema(self.fixed_averages, self.fixed, config.ema_rate, applied)
+        update_ema(self.averages, self.averaged, config.ema_rate, applied)
         self.objective.after_update(values, applied)
         self.step += 1
         record = torch.cat([reduced, skip.to(reduced.dtype)[None]])

@@ -24,15 +24,9 @@ def warmup_learning_rate(config: Config, step: int) -> float:
 
 @torch.no_grad()
 def update_ema(averages: list[torch.Tensor], parameters: list[torch.Tensor], rate: float,
-               applied: torch.Tensor | None = None) -> None:
+               applied: torch.Tensor) -> None:
     """averages <- rate * averages + (1 - rate) * parameters, where `applied` (a 0-d bool
-    tensor on the device; None: always): a skipped update leaves the EMA as it was, decided on
-    the device."""
-    if not averages:
-        return
-    if applied is None:
-        torch._foreach_lerp_(averages, parameters, 1.0 - rate)
-        return
+    tensor on the device): a skipped update leaves the EMA as it was, decided on the device."""
     # One weight tensor per parameter: a lone 0-d weight tensor would be read by the host.
     weight = applied.to(torch.float32) * (1.0 - rate)
     torch._foreach_lerp_(averages, parameters, [weight] * len(averages))
@@ -106,10 +100,6 @@ class FlatParameters:
         self.optimizer.param_groups[0]["lr"] = lr
         self.optimizer.found_inf = skip.to(torch.float32)
         self.optimizer.step()
-
-    @torch.no_grad()
-    def update_ema(self, rate: float, applied: torch.Tensor) -> None:
-        self.averages.lerp_(self.values, applied.to(torch.float32) * (1.0 - rate))
 
     # checkpoints: Adam's state per parameter, as torch.optim.Adam over them writes it
     def optimizer_state_dict(self) -> dict:
