@@ -2,9 +2,14 @@
 
 import dataclasses
 
+import shutil
+
 import pytest
 import torch
+import torch.nn.functional as F
 
+from progvae.models import activations
+from progvae.models.activations import gelu
 from progvae.models.blocks import BlockSpec, parse_block_string
 from progvae.config import load_config
 from progvae.models.distributions import (NoiseShard, gaussian_kl, gaussian_log_ratio,
@@ -114,6 +119,54 @@ def test_the_fused_draw_and_kl_equal_the_two_functions_in_value_and_gradient():
     latent, kl = gaussian_sample_with_kl(*[t.float() if i > 1 else t
                                            for i, t in enumerate(halves)])
     assert latent.dtype == torch.bfloat16 and kl.dtype == torch.float32
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="the CPU GELU operator needs a compiler")
+def test_the_cpu_gelu_equals_torchs_in_value_and_gradient():
+    """Training on the CPU runs every block's GELU through progvae's compiled operator, which
+    saves GELU'(x) in the forward pass. It must be torch's GELU to float rounding, value and
+    gradient, across the tails, in either memory format, and keep NaN a NaN (skipped steps)."""
+    assert activations.fused_gelu() is not None, "the operator did not build on this machine"
+    torch.manual_seed(5)
+    cases = [torch.randn(4, 24, 8, 8).contiguous(memory_format=torch.channels_last) * 3,
+             torch.linspace(-30, 30, 40_001),                # the tails and every branch
+             torch.randn(6, 5, 4, 9)[:, :, :, ::2] * 2]      # not dense: copied first
+    for x in cases:
+        fused_input = x.clone().requires_grad_()
+        plain_input = x.clone().requires_grad_()
+        fused, plain = gelu(fused_input), F.gelu(plain_input)
+        assert "Gelu>" in fused.grad_fn.name()              # the operator, not torch's
+        assert fused.stride() == plain.stride()
+        assert torch.allclose(fused, plain, rtol=2e-6, atol=1e-6)
+        upstream = torch.randn_like(plain)
+        fused.backward(upstream)
+        plain.backward(upstream)
+        assert torch.allclose(fused_input.grad, plain_input.grad, rtol=2e-6, atol=1e-6)
+    nan = gelu(torch.tensor([float("nan"), 1.0], requires_grad=True))
+    assert nan[0].isnan() and not nan[1].isnan()
+    # Without a gradient (evaluation, sampling) and in other dtypes it is torch's own GELU.
+    x = torch.randn(100)
+    assert torch.equal(gelu(x), F.gelu(x))
+    with torch.no_grad():
+        assert torch.equal(gelu(x.requires_grad_()), F.gelu(x))
+    assert torch.equal(gelu(x.double()), F.gelu(x.double()))
+
+
+def test_the_cpu_gelu_falls_back_to_torchs_when_it_cannot_build_or_is_switched_off(monkeypatch):
+    monkeypatch.setattr(activations, "_operator", None)
+    monkeypatch.setattr(activations, "_unavailable", False)
+
+    def no_compiler():
+        raise RuntimeError("Error building extension: c++: not found")
+
+    monkeypatch.setattr(activations, "_load", no_compiler)
+    x = torch.randn(50, requires_grad=True)
+    with pytest.warns(UserWarning, match="could not compile its CPU GELU operator"):
+        y = gelu(x)
+    assert torch.equal(y, F.gelu(x)) and y.grad_fn.name() == "GeluBackward0"
+    monkeypatch.setattr(activations, "_unavailable", False)
+    monkeypatch.setenv("PROGVAE_FUSED_GELU", "0")
+    assert activations.fused_gelu() is None
 
 
 def test_block_string_parsing():

@@ -25,6 +25,7 @@ from progvae.config import Config
 from progvae.training.controllers import LagrangianController
 from progvae.data.loading import ImageData
 from progvae.errors import UserError
+from progvae.models.activations import fused_gelu
 from progvae.models.pipeline import Pipeline
 from progvae.kinds import KINDS
 from progvae.training.trainer import Trainer
@@ -151,6 +152,8 @@ def run_bench(config: Config, model: str = "stage1", steps: int = 20, warmup: in
         "precision": str(dtype).replace("torch.", ""), "compile": trainer.step_module is not
         trainer.loss_module, "channels_last": trainer.channels_last,
         "checkpoint_activations": config.checkpoint_activations,
+        "cpu_gelu_operator": device_.type == "cpu" and dtype == torch.float32
+        and trainer.step_module is trainer.loss_module and fused_gelu() is not None,
         "parameters": sum(p.numel() for p in network.parameters()),
         "train_images_per_s": {"median": images / median, "min": images / max(times),
                                "max": images / min(times)},
@@ -218,6 +221,7 @@ def format_result(result: dict) -> str:
         f"batch {result['batch']} at {result['image_size']}px, {result['precision']}"
         f"{', compiled' if result['compile'] else ''}"
         f"{', channels_last' if result['channels_last'] else ''}"
+        f"{', GELU operator' if result.get('cpu_gelu_operator') else ''}"
         f"{', activation checkpointing' if result['checkpoint_activations'] else ''}",
         f"  train  {rate['median']:.1f} images/s (min {rate['min']:.1f}, max {rate['max']:.1f}), "
         f"{result['step_ms_median']:.1f} ms/step",

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from progvae.errors import UserError
+from progvae.models.activations import gelu
 
 
 @dataclass(frozen=True)
@@ -115,13 +116,13 @@ class Block(nn.Module):
                 last.weight.mul_(output_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in, H, W) -> (B, out, H/d, W/d)
-        return self.finish(x, self.convs[0](F.gelu(x)))
+        return self.finish(x, self.convs[0](gelu(x)))
 
     def finish(self, x: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
         """The block after its first convolution, given that convolution's output h (a caller
         may compute it together with other blocks' first convolutions)."""
         for layer in self.convs[1:]:
-            h = layer(F.gelu(h))
+            h = layer(gelu(h))
         if self.residual:
             h = x + h
         if self.down_rate:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from progvae.models.activations import gelu
 from progvae.models.blocks import (Block, BlockSpec, conv, match_channels, parse_block_string,
                             parse_widths, residual_scale)
 from progvae.config import Config
@@ -118,7 +119,7 @@ class DecoderBlock(nn.Module):
         (`Decoder.encoder_terms`); without it z_i is not inferred. `noise` says which slice of
         the global batch's noise to draw under torchrun. A `latent_rule` (the codec's) picks
         the latent from the prior and, given an encoder term, the posterior mean."""
-        activated = F.gelu(stream)
+        activated = gelu(stream)
         first_prior = self.prior.convs[0]
         posterior_first = None
         if encoder_term is None:
@@ -276,7 +277,7 @@ class Decoder(nn.Module):
             blocks = [self.blocks[i] for i in indices]
             weight = torch.cat([block.posterior.convs[0].weight[:, block.width:]
                                 for block in blocks])
-            stacked = F.conv2d(F.gelu(encoder_activations[resolution]), weight)
+            stacked = F.conv2d(gelu(encoder_activations[resolution]), weight)
             for index, term in zip(indices, stacked.split([b.middle for b in blocks], dim=1)):
                 terms[index] = term
         return terms
