@@ -77,7 +77,7 @@ def _load():
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
     build = Path(root, "progvae", name)
     if not (build / f"{name}.so").exists():
-        print("progvae: compiling the CPU GELU operator for this machine (once, about 20 s)",
+        print("progvae: compiling the CPU GELU operator for this machine (once, about 15 s)",
               file=sys.stderr, flush=True)
         build.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(name, [str(SOURCE)], extra_cflags=cflags, extra_ldflags=openmp,
