@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from progvae.atomic import atomic_write_text
+
 SOURCE = Path(__file__).with_name("gelu.cpp")
 _operator = None      # torch.ops.progvae.gelu once loaded
 _unavailable = False  # a failed build is not retried in this process
@@ -71,8 +73,9 @@ def _load():
     cflags = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", *openmp]
     # -march=native builds for this CPU: the name carries the CPU's identity, so a build
     # directory shared between machines (a cluster's home) never hands one CPU another's code.
-    identity = "\n".join([SOURCE.read_text(), " ".join(cflags), torch.__version__,
-                          platform.machine(), _cpu_flags()])
+    text = SOURCE.read_text()
+    identity = "\n".join([text, " ".join(cflags), torch.__version__, platform.machine(),
+                          _cpu_flags()])
     name = "progvae_gelu_" + hashlib.sha256(identity.encode()).hexdigest()[:16]
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
     build = Path(root, "progvae", name)
@@ -80,7 +83,12 @@ def _load():
         print("progvae: compiling the CPU GELU operator for this machine (once, about 15 s)",
               file=sys.stderr, flush=True)
         build.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(name, [str(SOURCE)], extra_cflags=cflags, extra_ldflags=openmp,
+    # Built from a copy inside the build folder: ninja rebuilds when a source's path changes,
+    # and every checkout of progvae (the same text, hence the same folder) then shares one build.
+    source = build / SOURCE.name
+    if not source.exists() or source.read_text() != text:
+        atomic_write_text(text, source)
+    cpp_extension.load(name, [str(source)], extra_cflags=cflags, extra_ldflags=openmp,
                        build_directory=str(build), is_python_module=False, verbose=False)
     return torch.ops.progvae.gelu
 
