@@ -491,7 +491,7 @@ def bench(config: str = "tiny", model: str = "stage1", batch: int | None = None,
     visible). --profile=N adds a torch.profiler table of N steps (the operators that take the
     most time). Any config field can be overridden, e.g. --checkpoint_activations=True.
     --suite=gpu runs the whole GPU check instead: the svhn preset in fp32, TF32 and
-    bf16 + compile, 50,000 pipeline samples and the GPU tests, written to bench_gpu.json.
+    bf16 + compile and 10,000 pipeline samples, written to bench_gpu.json.
     --suite=codec times `compress` and `decompress` of --run (a quantised stage one; default an
     untrained model of --config, codec32 unless given): images/s on images of the model's size
     and megapixels/s on a 512x600 photograph, written to bench_codec.json.

@@ -33,7 +33,10 @@ def test_a_stage_one_run_on_cuda_trains_resumes_and_evaluates(tmp_path):
                                 "--metrics=elbo,mse"], capture_output=True, text=True,
                                timeout=900)
     assert evaluated.returncode == 0, evaluated.stderr
-    assert json.loads((out / "eval.json").read_text())["mse"] == summary["mse"]
+    # Another process may pick other cuDNN algorithms: the same MSE to float rounding (on the
+    # H200, 0.6110077 against 0.6110121), where on the CPU it is the same bits.
+    assert json.loads((out / "eval.json").read_text())["mse"] == pytest.approx(summary["mse"],
+                                                                                rel=1e-4)
 
 
 def test_a_cuda_update_never_waits_for_the_host(tmp_path):

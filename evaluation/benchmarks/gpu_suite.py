@@ -2,9 +2,11 @@
 
 The `svhn` preset at the paper's batch, timed as fp32 eager (TF32 off), TF32 eager and
 bf16 + torch.compile (images/s, peak memory, fraction of the measured peak, warm-up seconds,
-which include compiling); 50,000 full-pipeline samples timed; and the GPU-marked tests
-(`tests/test_gpu.py`) where the source tree is at hand. Written to bench_gpu.json and printed as
-a table. It refuses to run without a visible CUDA GPU.
+which include compiling), then 10,000 full-pipeline samples timed. Each variant's row is printed
+as it is measured, so a check stopped at its time limit still says what it reached. Written to
+bench_gpu.json and printed as a table. It refuses to run without a visible CUDA GPU. The GPU
+tests are `PROGVAE_TEST_GPU=1 pytest tests/test_gpu.py`, run beside it, not inside it (they
+take minutes of their own).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ VARIANTS = (   # (label, config overrides, TF32 allowed)
     ("TF32 eager", {"precision": "fp32", "compile": "false"}, True),
     ("bf16 + compile", {"precision": "bf16", "compile": "true"}, True),
 )
-SAMPLES = 50_000
+SAMPLES = 10_000
 SAMPLE_BATCH = 500
 
 
@@ -45,6 +47,7 @@ def run_gpu_suite(config: Config, steps: int = 20, warmup: int = 5,
                      **{key: result[key] for key in (
                          "train_images_per_s", "peak_memory_mb", "fraction_of_peak",
                          "warmup_seconds", "batch", "parameters", "device_name")}})
+        print(format_row(rows[-1]), flush=True)
     baseline, fastest = rows[0], rows[-1]
     summary = {
         "preset_batch": config.batch_size, "variants": rows,
@@ -55,7 +58,6 @@ def run_gpu_suite(config: Config, steps: int = 20, warmup: int = 5,
         "pipeline_samples": samples,
         "pipeline_sample_seconds": time_pipeline_samples(config, samples),
     }
-    summary["gpu_tests"] = run_gpu_tests()
     return summary
 
 
@@ -80,29 +82,20 @@ def time_pipeline_samples(config: Config, count: int) -> float:
     return time.perf_counter() - started
 
 
-def run_gpu_tests() -> str:
-    """The GPU-marked tests, where the source tree (tests/test_gpu.py) is at hand."""
-    tests = Path(__file__).resolve().parents[2] / "tests" / "test_gpu.py"
-    if not tests.is_file():
-        return "not run (tests/test_gpu.py is not installed with the package)"
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", str(tests)],
-                            capture_output=True, text=True,
-                            env={**os.environ, "PROGVAE_TEST_GPU": "1"})
-    return (result.stdout.strip().splitlines() or ["no output"])[-1]
+def format_row(row: dict) -> str:
+    return (f"  {row['variant']:<16} {row['train_images_per_s']['median']:>9.1f} "
+            f"{row['peak_memory_mb']:>9.0f} {100 * row['fraction_of_peak']:>7.1f}% "
+            f"{row['warmup_seconds']:>10.1f}")
 
 
 def format_suite(summary: dict) -> str:
     lines = [f"GPU check on {summary['variants'][0]['device_name']}, svhn preset at batch "
              f"{summary['preset_batch']} ({summary['variants'][0]['parameters']:,} parameters):",
              f"  {'variant':<16} {'images/s':>9} {'peak MiB':>9} {'of peak':>8} {'warm-up s':>10}"]
-    for row in summary["variants"]:
-        lines.append(f"  {row['variant']:<16} {row['train_images_per_s']['median']:>9.1f} "
-                     f"{row['peak_memory_mb']:>9.0f} {100 * row['fraction_of_peak']:>7.1f}% "
-                     f"{row['warmup_seconds']:>10.1f}")
+    lines += [format_row(row) for row in summary["variants"]]
     lines += [f"  bf16 + compile against fp32 eager: "
               f"{summary['speedup_bf16_compile_over_fp32']:.2f}x the images/s at "
               f"{summary['memory_ratio_bf16_compile_over_fp32']:.2f}x the memory",
               f"  {summary['pipeline_samples']:,} pipeline samples in "
-              f"{summary['pipeline_sample_seconds']:.1f} s",
-              f"  GPU tests: {summary['gpu_tests']}"]
+              f"{summary['pipeline_sample_seconds']:.1f} s"]
     return "\n".join(lines)

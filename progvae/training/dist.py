@@ -171,9 +171,13 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def collective_device() -> torch.device:
-    """Where tensors must be for a collective: this rank's GPU under NCCL, else the CPU."""
-    if is_distributed() and torch_dist.get_backend() == "nccl":
+def collective_device(local: torch.device | str = "cpu") -> torch.device:
+    """Where tensors must be for a collective: this rank's GPU under NCCL, the CPU under gloo,
+    and `local` in one process, where the collective is the identity (so a CUDA tensor need
+    not wait for a copy to the host)."""
+    if not is_distributed():
+        return torch.device(local)
+    if torch_dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

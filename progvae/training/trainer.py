@@ -216,8 +216,8 @@ class Trainer:
         names = [*totals, "grad_norm", STOP_FLAG]
         stop_asked = torch.full((), float(self.stops is not None and bool(self.stops.received)),
                                 device=grad_norm.device)
-        reduced = dist.mean_across_ranks(torch.stack(
-            [*totals.values(), grad_norm.float(), stop_asked]).to(dist.collective_device()))
+        local = torch.stack([*totals.values(), grad_norm.float(), stop_asked])
+        reduced = dist.mean_across_ranks(local.to(dist.collective_device(local.device)))
         reduced = reduced.to(self.device, non_blocking=True)
         values = dict(zip(names, reduced.unbind()))
         skip = skip_update(values["loss"], values["grad_norm"], self.skips.skip_threshold)
