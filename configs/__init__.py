@@ -1,1 +1,1 @@
-"""Config presets as JSON files; each lists only what differs from progvae.config.Config."""
+"""Config presets as JSON files; each lists only what differs from progvae.core.config.Config."""

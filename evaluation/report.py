@@ -20,10 +20,10 @@ import math
 import os
 from pathlib import Path
 
-from progvae.atomic import atomic_path, atomic_write_json, atomic_write_text, writable_output
-from progvae.curves import write_curves
-from progvae.errors import UserError
-from progvae.kinds import KINDS
+from progvae.core.atomic import atomic_path, atomic_write_json, atomic_write_text, writable_output
+from progvae.core.errors import UserError
+from progvae.runs.curves import write_curves
+from progvae.runs.kinds import KINDS
 
 IMAGES = ("samples.png", "reconstructions.png", "rd.png", "multipliers.png")
 EXPERIMENT = "progressive experiment"   # a folder of the progressive experiment, not a run
@@ -193,8 +193,8 @@ def lpips_against_mse(sweep: Path, lpips_weights: str = "") -> list[dict]:
     from progvae.data.loading import load_data_for, to_model_input
     from progvae.evaluation.metrics.evaluate import mean_lpips, reconstructions
     from progvae.evaluation.metrics.lpips_metric import LpipsScorer
-    from progvae.heldout import seeded
-    from progvae.runs import load_scored
+    from progvae.runs.heldout import seeded
+    from progvae.runs.load import load_scored
     from progvae.training.dist import default_device
 
     run_dirs = sorted(path for path in sweep.glob("target_*") if path.is_dir())

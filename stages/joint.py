@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from progvae.config import Config
-from progvae.kinds import KINDS
-from progvae.training.loop import Recipe, train_run
+from progvae.core.config import Config
+from progvae.runs.kinds import KINDS
+from progvae.runs.train import Recipe, train_run
 from progvae.stages.stage2 import CompositeObjective
 
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
-from progvae.training import dist
-from progvae.config import Config
-from progvae.training.controllers import (build_controller, check_same_controller, constraint_summary,
-                                  constraint_warning)
+from progvae.core.config import Config
 from progvae.models.distributions import NoiseShard
-from progvae.kinds import KINDS
-from progvae.training.loop import Recipe, train_run
+from progvae.runs.kinds import KINDS
+from progvae.runs.train import Recipe, train_run
+from progvae.training import dist
+from progvae.training.controllers import (build_controller, check_same_controller,
+                                          constraint_summary, constraint_warning)
 
 
 class Stage1Objective:

@@ -12,21 +12,22 @@ from pathlib import Path
 
 import torch
 
-from progvae.training import dist
-from progvae.config import Config
+from progvae.core.config import Config, apply_overrides, load_config
+from progvae.core.errors import UserError
 from progvae.data.loading import ImageData
 from progvae.models.distributions import NoiseShard
-from progvae.errors import UserError
+from progvae.models.pipeline import Pipeline, composite_terms
+from progvae.models.vdvae import VDVAE
+from progvae.runs.directory import load_run_config
+from progvae.runs.exported import is_exported, read_exported
+from progvae.runs.kinds import KINDS
+from progvae.runs.load import load_model, run_summary
+from progvae.runs.train import Recipe, train_run
+from progvae.training import dist
 from progvae.training.checkpoint import CHECKPOINT
 from progvae.training.controllers import constraint_warning
-from progvae.kinds import KINDS
-from progvae.training.loop import Recipe, train_run
-from progvae.models.pipeline import Pipeline, composite_terms
-from progvae.exported import is_exported
-from progvae.runs import load_model, run_summary
 from progvae.training.dist import default_device
 from progvae.training.objective import FixedObjective
-from progvae.models.vdvae import VDVAE
 
 
 class CompositeObjective(FixedObjective):
@@ -121,3 +122,17 @@ def train_stage2(config: Config, stage1_run: str | Path, out: str | Path,
                     scored=lambda stage2: Pipeline(stage1, stage2))
     summary, _ = train_run(KINDS["stage2"], config, out, recipe, resume_from)
     return summary
+
+
+def stage2_config(stage1_run: str | Path, preset: str = "", overrides: dict | None = None
+                  ) -> Config:
+    """Stage two's config: the preset if one is named, else the stage-one run's own (its
+    config.json, or the config inside an exported model), with `overrides` applied."""
+    overrides = overrides or {}
+    if preset:
+        return load_config(preset, overrides)
+    if is_exported(stage1_run):
+        stage1_config = read_exported(stage1_run, weights_of=())[0].config   # header only
+    else:
+        _, stage1_config = load_run_config(stage1_run)
+    return apply_overrides(stage1_config, overrides, "the command line")

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-from progvae.config import Config
+from progvae.core.config import Config
 from progvae.models.distributions import NoiseShard
-from progvae.kinds import KINDS
-from progvae.training.loop import Recipe, train_run
-from progvae.training.objective import FixedObjective
 from progvae.models.vdvae import VDVAE
+from progvae.runs.kinds import KINDS
+from progvae.runs.train import Recipe, train_run
+from progvae.training.objective import FixedObjective
 
 
 class ElboObjective(FixedObjective):

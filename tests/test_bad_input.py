@@ -269,7 +269,7 @@ def test_bad_input_is_one_sentence_exit_2_and_changes_nothing(scratch, what, arg
 
 
 def test_non_finite_results_are_flagged_and_written_as_valid_json(tmp_path, capsys):
-    from progvae.atomic import atomic_write_json, flag_non_finite
+    from progvae.core.atomic import atomic_write_json, flag_non_finite
 
     flagged = flag_non_finite({"elbo": float("nan"), "mse": 0.5, "fid": float("inf"),
                                "kind": "stage2"}, "summary.json")

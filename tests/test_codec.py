@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from progvae.__main__ import main
-from progvae.codec import (SCALE_COUNT, TAILS, Codec, _decode_group, _encode_group, _FIXED,
-                           read_header)
-from progvae.config import load_config
-from progvae.exported import ExportedNetwork, write_exported
-from progvae.kinds import KINDS
+from progvae.codec.coder import (_FIXED, SCALE_COUNT, TAILS, Codec, _decode_group, _encode_group,
+                                 read_header)
+from progvae.core.config import load_config
+from progvae.runs.exported import ExportedNetwork, write_exported
+from progvae.runs.kinds import KINDS
 
 SMALL = {"width": 8, "zdim": 4, "enc_blocks": "16d2,8d2,4d4,1x1",
          "dec_blocks": "1x1,4m1,8m4,16m8", "image_size": 16, "image_channels": 3,
@@ -269,7 +269,7 @@ def test_a_trained_codec_compresses_a_photograph_it_never_saw(tmp_path):
     decodes to the encoder's picture, and a 2-group prefix to a coarser one."""
     import imageio.v3 as imageio
 
-    from progvae.compress import psnr_uint8
+    from progvae.codec.files import psnr_uint8
     from progvae.evaluation.benchmarks.codec_bench import sample_photo
     run = tmp_path / "codec"
     code, _, err = _run(["stage1", "--config=codec32", f"--out={run}", "--steps=300",
@@ -283,7 +283,7 @@ def test_a_trained_codec_compresses_a_photograph_it_never_saw(tmp_path):
         extra = [] if groups is None else [f"--groups={groups}"]
         assert _run(["decompress", f"--run={run}", f"--file={tmp_path}/photo.pvc",
                      f"--out={tmp_path}/{out}", *extra])[0] == 0
-    from progvae.compress import load_codec
+    from progvae.codec.files import load_codec
     expected = load_codec(str(run)).compress(photo).reconstruction
     full = imageio.imread(tmp_path / "all.png")
     np.testing.assert_array_equal(full, expected)

@@ -15,7 +15,7 @@ import torch
 
 from progvae.__main__ import main
 from progvae.data.loading import load_data, to_model_input
-from progvae.runs import load_model, load_scored
+from progvae.runs.load import load_model, load_scored
 
 TINY = ["--config=digits", "--width=8", "--zdim=4", "--n_mixtures=3",
         "--enc_blocks=16d2,8d2,4d4,1x1", "--dec_blocks=1x1,4m1,8m4,16m8", "--steps=3",

@@ -1,9 +1,14 @@
 """Config presets and overrides (the controllers are tested in test_controllers.py)."""
 
-import pytest
+# ---------------------------------------------------------------- properties (hypothesis)
+from dataclasses import fields  # noqa: E402
 
-from progvae.config import Config, load_config, preset_names
-from progvae.errors import UserError
+import pytest
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from progvae.core.config import Config, load_config, preset_names
+from progvae.core.errors import UserError
 
 
 def test_presets_exist_and_carry_the_paper_hyperparameters():
@@ -31,11 +36,7 @@ def test_config_round_trips_through_a_dict():
     assert Config.from_dict(config.to_dict()) == config
 
 
-# ---------------------------------------------------------------- properties (hypothesis)
-from dataclasses import fields  # noqa: E402
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 FIELD_TYPES = {f.name: f.type for f in fields(Config)}
 META = {f.name: f.metadata for f in fields(Config)}
@@ -117,8 +118,8 @@ def test_an_unknown_field_is_refused_naming_it(name):
 def test_the_readme_table_of_fields_is_generated_from_their_declarations():
     from pathlib import Path
 
-    from progvae.config import fields_markdown
+    from progvae.core.config import fields_markdown
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    assert fields_markdown() in readme, "regenerate it: python -c 'from progvae.config " \
+    assert fields_markdown() in readme, "regenerate it: python -c 'from progvae.core.config " \
         "import fields_markdown; print(fields_markdown())'"

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from progvae.config import Config, load_config
-from progvae.training.controllers import (CONTROLLERS, DCOController, GECOController,
-                                 LagrangianController, build_controller, constraint_summary,
-                                 constraint_warning)
-from progvae.errors import UserError
+from progvae.core.config import Config, load_config
+from progvae.core.errors import UserError
 from progvae.stages.stage1 import train_stage1
+from progvae.training.controllers import (CONTROLLERS, DCOController, GECOController,
+                                          LagrangianController, build_controller,
+                                          constraint_summary, constraint_warning)
 
 TARGET = 0.01            # distortion target of the unit tests
 RATE_TARGET = 0.1        # rate target of `rate`

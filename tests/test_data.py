@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from progvae.data.loading import BatchSampler, ImageData, load_data, to_model_input, to_uint8_images
-from progvae.errors import UserError
+from progvae.core.errors import UserError
 from progvae.data.images import save_grid, save_rows
+from progvae.data.loading import BatchSampler, ImageData, load_data, to_model_input, to_uint8_images
 
 
 @pytest.fixture(autouse=True)

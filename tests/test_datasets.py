@@ -11,12 +11,12 @@ import scipy.io
 import torch
 from PIL import Image
 
-from progvae.data import readers as datasets
 from progvae.__main__ import main
+from progvae.core.config import load_config
+from progvae.core.errors import UserError
+from progvae.data import readers as datasets
 from progvae.data.cache import cache_root, verify_cache
-from progvae.config import load_config
 from progvae.data.loading import load_data, load_data_for, natural_image_size
-from progvae.errors import UserError
 
 
 @pytest.fixture(autouse=True)

@@ -19,11 +19,11 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from progvae.config import load_config
-from progvae.errors import UserError
-from progvae.heldout import seeded
-from progvae.kinds import KINDS
-from progvae.runs import load_model
+from progvae.core.config import load_config
+from progvae.core.errors import UserError
+from progvae.runs.heldout import seeded
+from progvae.runs.kinds import KINDS
+from progvae.runs.load import load_model
 
 SMALL = {"width": 8, "zdim": 4, "n_mixtures": 3, "enc_blocks": "16d2,8d2,4d4,1x1",
          "dec_blocks": "1x1,4m1,8m4,16m8", "log_every": 1, "checkpoint_every": 0, "n_grid": 4,
@@ -263,8 +263,8 @@ def test_evaluate_command_without_weights_stops_with_the_flag_to_pass(vdvae_run,
 
 # ------------------------------------------------------------------ ELBO, MSE, IW bound
 def test_heldout_metrics_average_every_image_including_the_last_short_batch():
-    from progvae.heldout import heldout_metrics
     from progvae.data.loading import to_model_input
+    from progvae.runs.heldout import heldout_metrics
 
     torch.manual_seed(0)
     model = KINDS["vdvae"].build(small_config(image_channels=1)).eval()
@@ -369,8 +369,8 @@ def test_evaluate_rejects_bad_metrics(vdvae_run):
 
 # ------------------------------------------------------------------------- R_K and D_K
 def test_rate_of_the_first_groups_is_the_sum_of_their_kls():
-    from progvae.evaluation.experiments.progressive import first_groups_rate, groups_up_to
     from progvae.data.loading import to_model_input
+    from progvae.evaluation.experiments.progressive import first_groups_rate, groups_up_to
 
     torch.manual_seed(0)
     model = KINDS["vdvae"].build(small_config(image_channels=1)).eval()
@@ -448,7 +448,8 @@ def test_report_puts_runs_side_by_side(tmp_path):
 def test_heldout_psnr_and_the_evaluators_defaults():
     """PSNR is 10 log10(4 / MSE) on the [-1, 1] scale; the evaluator's default seed and batch
     are evaluate's (seed 0), which is what makes summary.json equal eval.json."""
-    from progvae.heldout import HELDOUT_SEED, heldout_metrics, psnr
+    from progvae.core.units import psnr
+    from progvae.runs.heldout import HELDOUT_SEED, heldout_metrics
 
     assert psnr(0.04) == pytest.approx(20.0) and psnr(4.0) == 0.0
     assert psnr(0.0) == float("inf") and psnr(0.4) == pytest.approx(10.0)
@@ -464,7 +465,7 @@ def test_heldout_psnr_and_the_evaluators_defaults():
 def test_heldout_means_of_a_process_with_no_images_are_zero_sums(monkeypatch):
     """Under torchrun a rank may hold no image of a small split: it adds zeros of the right
     names and shapes, so the collectives still line up."""
-    from progvae import heldout
+    from progvae.runs import heldout
 
     torch.manual_seed(0)
     model = KINDS["vdvae"].build(small_config(image_channels=1)).eval()

@@ -43,9 +43,9 @@ def test_a_cuda_update_never_waits_for_the_host(tmp_path):
     """The skip decision, Adam, the EMA and the multiplier all stay on the GPU: under CUDA's
     synchronisation debug mode set to "error", two updates (after the first, which creates
     Adam's state) make no synchronising call; their metrics wait, queued, for `collect`."""
-    from progvae.config import load_config
+    from progvae.core.config import load_config
     from progvae.data.loading import load_data_for
-    from progvae.kinds import KINDS
+    from progvae.runs.kinds import KINDS
     from progvae.stages.stage1 import Stage1Objective
     from progvae.training.controllers import build_controller
     from progvae.training.trainer import Trainer

@@ -1,22 +1,20 @@
 """The VDVAE core: KL, block strings, shapes of every preset, decoding from given latents."""
 
 import dataclasses
-
 import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from progvae.core.config import load_config
+from progvae.core.errors import UserError
 from progvae.models import activations
 from progvae.models.activations import gelu
 from progvae.models.blocks import BlockSpec, parse_block_string
-from progvae.config import load_config
 from progvae.models.distributions import (NoiseShard, gaussian_kl, gaussian_log_ratio,
                                           gaussian_sample, gaussian_sample_with_kl,
-                                          precision_weighted_merge,
-                                          standard_normal_like)
-from progvae.errors import UserError
+                                          precision_weighted_merge, standard_normal_like)
 from progvae.models.vdvae import VDVAE
 
 
@@ -152,10 +150,16 @@ def test_the_cpu_gelu_equals_torchs_in_value_and_gradient():
     assert torch.equal(gelu(x.double()), F.gelu(x.double()))
 
 
-def test_the_cpu_gelu_falls_back_to_torchs_when_it_cannot_build_or_is_switched_off(monkeypatch):
-    monkeypatch.setattr(activations, "_operator", None)
-    monkeypatch.setattr(activations, "_unavailable", False)
+@pytest.fixture
+def fresh_gelu_build():
+    """The operator's once-per-process build forgotten, before the test and after it."""
+    activations.fused_gelu.cache_clear()
+    yield
+    activations.fused_gelu.cache_clear()
 
+
+def test_the_cpu_gelu_falls_back_to_torchs_when_it_cannot_build_or_is_switched_off(
+        monkeypatch, fresh_gelu_build):
     def no_compiler():
         raise RuntimeError("Error building extension: c++: not found")
 
@@ -164,7 +168,7 @@ def test_the_cpu_gelu_falls_back_to_torchs_when_it_cannot_build_or_is_switched_o
     with pytest.warns(UserWarning, match="could not compile its CPU GELU operator"):
         y = gelu(x)
     assert torch.equal(y, F.gelu(x)) and y.grad_fn.name() == "GeluBackward0"
-    monkeypatch.setattr(activations, "_unavailable", False)
+    activations.fused_gelu.cache_clear()
     monkeypatch.setenv("PROGVAE_FUSED_GELU", "0")
     assert activations.fused_gelu() is None
 

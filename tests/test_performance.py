@@ -8,11 +8,11 @@ import sys
 import pytest
 import torch
 
-from progvae.config import load_config
-from progvae.training.controllers import LagrangianController
+from progvae.core.config import load_config
 from progvae.models.distributions import NoiseShard
-from progvae.kinds import KINDS
+from progvae.runs.kinds import KINDS
 from progvae.stages.stage1 import Stage1Objective
+from progvae.training.controllers import LagrangianController
 from progvae.training.objective import LossModule
 
 BATCH = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
@@ -132,7 +132,7 @@ def test_compiled_step_matches_eager(monkeypatch):
 
 
 def test_unknown_precision_is_a_clear_error():
-    from progvae.errors import UserError
+    from progvae.core.errors import UserError
     from progvae.training.performance import autocast_dtype
 
     config = dataclasses.replace(load_config("digits"), precision="fp8")
@@ -148,9 +148,9 @@ def test_auto_precision_is_bf16_only_where_gpus_run_it_natively():
 
 
 def test_channels_last_also_puts_a_frozen_stage_one_in_that_layout(tmp_path):
-    from progvae.config import load_config
+    from progvae.core.config import load_config
     from progvae.data.loading import load_data_for
-    from progvae.kinds import KINDS
+    from progvae.runs.kinds import KINDS
     from progvae.stages.stage2 import CompositeObjective
     from progvae.training.trainer import Trainer
 

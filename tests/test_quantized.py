@@ -8,9 +8,9 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from progvae.config import load_config
-from progvae.kinds import KINDS
+from progvae.core.config import load_config
 from progvae.models.distributions import LIKELIHOOD_BOUND, box_gaussian_nll
+from progvae.runs.kinds import KINDS
 
 TINY = {"width": 8, "zdim": 4, "enc_blocks": "16d2,8d2,4d4,1x1",
         "dec_blocks": "1x1,4m1,8m4,16m8", "image_channels": 1, "latents": "quantized"}

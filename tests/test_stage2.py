@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from progvae.config import load_config
+from progvae.core.config import load_config
 from progvae.models.pipeline import Pipeline
-from progvae.kinds import KINDS
-from progvae.runs import load_model, load_pipeline, prepare_run
+from progvae.runs.directory import prepare_run
+from progvae.runs.kinds import KINDS
+from progvae.runs.load import load_model, load_pipeline
 from progvae.stages.joint import train_joint
 from progvae.stages.stage1 import train_stage1
 from progvae.stages.stage2 import CompositeObjective, train_stage2
@@ -64,7 +65,7 @@ def test_composite_elbo_matches_a_monte_carlo_estimate_from_log_densities():
     average over latent draws, log p(x | z, z_tilde) + log p(z) + log p(z_tilde | x_tilde)
     - log q(z | x) - log q(z_tilde | x, x_tilde) evaluated at the drawn latents from the
     densities the two stages return (a Monte Carlo estimate of the same expectation)."""
-    from progvae.kinds import pipeline_log_weight
+    from progvae.runs.kinds import pipeline_log_weight
 
     config = small_config(image_channels=1)
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ import imageio.v3 as iio
 import pytest
 
 from progvae.__main__ import main
-from progvae.errors import UserError
+from progvae.core.errors import UserError
 from progvae.evaluation.experiments.sweep import parse_targets
 
 # A tiny model and a few steps: the sweep's bookkeeping is under test, not the R-D curve.

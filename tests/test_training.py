@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from progvae.config import load_config
-from progvae.stages.stage1 import train_stage1
+from progvae.core.config import load_config
 from progvae.models.vdvae import VDVAE
+from progvae.stages.stage1 import train_stage1
 
 RESUME_ARGS = ["stage1", "--config=digits", "--distortion_target=0.02", "--steps=60",
                "--checkpoint_every=10", "--log_every=5", "--n_grid=4", "--quiet=True"]
@@ -156,7 +156,7 @@ def test_a_torn_log_line_and_stale_temporary_files_are_cleaned_up_on_resume(tmp_
 
 
 def test_a_second_writer_is_refused_naming_the_first(tmp_path):
-    from progvae.runs import lock_run_directory
+    from progvae.runs.directory import lock_run_directory
 
     out = tmp_path / "busy"
     out.mkdir()
@@ -307,7 +307,7 @@ def _tiny_trainer(tmp_path, **fields):
     import copy as copy_module
 
     from progvae.data.loading import load_data_for
-    from progvae.kinds import KINDS
+    from progvae.runs.kinds import KINDS
     from progvae.stages.stage1 import Stage1Objective
     from progvae.training.controllers import LagrangianController
     from progvae.training.trainer import Trainer

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from progvae.config import load_config
-from progvae.kinds import KINDS
-from progvae.runs import load_model, load_scored
+from progvae.core.config import load_config
+from progvae.runs.kinds import KINDS
+from progvae.runs.load import load_model, load_scored
 from progvae.stages.vdvae import ElboObjective, train_vdvae
 
 SMALL = {"width": 8, "zdim": 4, "n_mixtures": 3, "enc_blocks": "16d2,8d2,4d4,1x1",

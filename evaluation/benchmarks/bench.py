@@ -21,14 +21,15 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from progvae.config import Config
-from progvae.training.controllers import LagrangianController
+from progvae.core.config import Config
+from progvae.core.errors import UserError
 from progvae.data.loading import ImageData
-from progvae.errors import UserError
 from progvae.models.activations import fused_gelu
 from progvae.models.pipeline import Pipeline
-from progvae.kinds import KINDS
+from progvae.runs.kinds import KINDS
+from progvae.training.controllers import LagrangianController
 from progvae.training.trainer import Trainer
+
 
 def synthetic_data(config: Config, n: int) -> ImageData:
     generator = np.random.default_rng(0)

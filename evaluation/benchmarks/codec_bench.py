@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from progvae.codec import Codec
+from progvae.codec.coder import Codec
 
 
 def sample_photo() -> tuple[np.ndarray, str]:

@@ -12,16 +12,12 @@ take minutes of their own).
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-from progvae.config import Config
-from progvae.errors import UserError
+from progvae.core.config import Config
+from progvae.core.errors import UserError
 
 VARIANTS = (   # (label, config overrides, TF32 allowed)
     ("fp32 eager", {"precision": "fp32", "compile": "false"}, False),
@@ -65,8 +61,8 @@ def run_gpu_suite(config: Config, steps: int = 20, warmup: int = 5,
 def time_pipeline_samples(config: Config, count: int) -> float:
     """Seconds to draw `count` full-pipeline samples (stage one, then stage two) in batches of
     SAMPLE_BATCH with random networks of the preset's shape, bf16 autocast."""
-    from progvae.kinds import KINDS
     from progvae.models.pipeline import Pipeline
+    from progvae.runs.kinds import KINDS
 
     device = torch.device("cuda")
     pipeline = Pipeline(KINDS["stage1"].build(config), KINDS["stage2"].build(config))

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from progvae.atomic import atomic_write_json
-from progvae.codec import Codec, prefix_bytes, read_header
-from progvae.compress import psnr_uint8
+from progvae.codec.coder import Codec, prefix_bytes, read_header
+from progvae.codec.files import psnr_uint8
+from progvae.core.atomic import atomic_write_json, writable_folder
+from progvae.core.errors import UserError
 from progvae.data.readers import read_image
 
 QUALITIES = (5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95)
@@ -113,7 +114,7 @@ def plot_rd(result: dict, path: Path) -> None:
     """Bits per pixel against PSNR: the codec's prefixes (labelled by K), JPEG and WebP."""
     from matplotlib.figure import Figure
 
-    from progvae.atomic import atomic_path
+    from progvae.core.atomic import atomic_path
 
     figure = Figure(figsize=(6.4, 4.4))
     axes = figure.add_subplot()
@@ -135,3 +136,50 @@ def plot_rd(result: dict, path: Path) -> None:
     figure.tight_layout()
     with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=120)
+
+
+def format_codec_rd(result: dict, out: Path) -> str:
+    """What `codec-eval` prints: bits per pixel and PSNR for every prefix, JPEG and WebP at the
+    full file's rate, the coding speed and the files written."""
+    lines = [f"{'groups':>6} {'bits/pixel':>10} {'PSNR':>7}"]
+    lines += [f"{row['groups']:>6} {row['bpp']:>10.3f} {row['psnr']:>7.2f}"
+              for row in result["progvae"]]
+    lines += [f"{name.upper()} at {matched['bpp']:.3f} bits/pixel: PSNR {matched['psnr']:.2f}"
+              for name, matched in result["at_progvae_full_rate"].items()
+              if matched["psnr"] is not None]
+    lines.append(f"Encoding {result['encode_megapixels_per_s']:.3f} megapixels/s, decoding "
+                 f"{result['decode_megapixels_per_s']:.3f}. Wrote {out / 'codec_rd.json'} "
+                 "and codec_rd.png.")
+    return "\n".join(lines)
+
+
+def parse_qualities(qualities) -> tuple[int, ...]:
+    """`--qualities` as a tuple of JPEG/WebP qualities, each an integer in 1..100 (QUALITIES if
+    none are given); anything else is one sentence naming the value."""
+    if qualities is None:
+        return QUALITIES
+    if isinstance(qualities, (int, float)):
+        qualities = (qualities,)
+    for quality in qualities:
+        if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+            raise UserError(f"--qualities holds {quality!r}; JPEG and WebP qualities are "
+                            "integers 1..100.")
+    return tuple(qualities)
+
+
+def codec_eval_command(run: str, images: str, out: str = "", lpips_weights: str = "",
+                       qualities=None, report=print) -> str:
+    """`progvae codec-eval`: check the arguments, score the images (`codec_rd`), and return
+    what to print; OUT defaults to the run's directory."""
+    from progvae.codec.files import image_files, load_codec
+
+    qualities = parse_qualities(qualities)
+    files = image_files(images)
+    if not out:
+        if not Path(str(run)).is_dir():
+            raise UserError("Pass --out=DIR for codec_rd.json and codec_rd.png.")
+        out = run
+    writable_folder(out, "--out")
+    result = codec_rd(load_codec(run), files, Path(str(out)), qualities, lpips_weights,
+                      progress=lambda file: report(f"scored {file}"))
+    return format_codec_rd(result, Path(str(out)))

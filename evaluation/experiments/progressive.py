@@ -32,23 +32,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from progvae.training import dist
-from progvae.atomic import atomic_write_json
-from progvae.config import Config, apply_overrides
-from progvae.training.controllers import build_controller
+from progvae.core.atomic import atomic_write_json
+from progvae.core.config import Config, apply_overrides
+from progvae.core.errors import UserError
 from progvae.data.loading import ImageData, load_data_for, to_model_input, to_uint8_images
 from progvae.models.distributions import NoiseShard
-from progvae.errors import UserError
 from progvae.models.heads import mse_per_image
-from progvae.heldout import HELDOUT_SEED, heldout_metrics, seeded
-from progvae.kinds import KINDS
-from progvae.training.loop import Recipe, train_run, write_comparison
 from progvae.models.masked_coder import MaskedCoder
-from progvae.runs import load_model
+from progvae.models.vdvae import VDVAE
+from progvae.runs.heldout import HELDOUT_SEED, heldout_metrics, seeded
+from progvae.runs.kinds import KINDS
+from progvae.runs.load import load_model
+from progvae.runs.train import Recipe, train_run, write_comparison
 from progvae.stages.stage1 import Stage1Objective, controller_summary
+from progvae.training import dist
+from progvae.training.controllers import build_controller
 from progvae.training.dist import default_device
 from progvae.training.objective import FixedObjective
-from progvae.models.vdvae import VDVAE
 
 N_FIGURE = 8   # held-out images in reconstructions.png
 # The gamma-optimal model's inference path starts trained and already at its rate target, so

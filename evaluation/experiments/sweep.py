@@ -30,18 +30,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from progvae.training import dist
-from progvae.atomic import atomic_path, atomic_write_json
-from progvae.config import Config
-from progvae.training.controllers import (CONTROLLERS, TARGET_FIELDS, build_controller,
-                                 check_controller_name, check_same_controller)
-from progvae.data.loading import load_data_for, to_uint8_images
-from progvae.errors import UserError
+from progvae.core.atomic import atomic_path, atomic_write_json
+from progvae.core.config import Config
+from progvae.core.errors import UserError
 from progvae.data.images import save_rows
-from progvae.data.loading import to_model_input
-from progvae.heldout import seeded
-from progvae.runs import load_model
+from progvae.data.loading import load_data_for, to_model_input, to_uint8_images
+from progvae.runs.heldout import seeded
+from progvae.runs.load import load_model
 from progvae.stages.stage1 import train_stage1
+from progvae.training import dist
+from progvae.training.controllers import (CONTROLLERS, TARGET_FIELDS, build_controller,
+                                          check_controller_name, check_same_controller)
 from progvae.training.dist import default_device
 
 N_RECONSTRUCTIONS = 10   # held-out images per row of reconstructions.png
@@ -222,3 +221,18 @@ def write_reconstructions(config: Config, run_dirs: list[Path], path: Path,
                 rows.append(originals)
             rows.append(to_uint8_images(model.reconstruct(x).cpu()))
     save_rows(rows, path)
+
+
+def format_sweep(result: dict, controller: str, out: str | Path) -> str:
+    """What `sweep` prints: one row per target of rd.json's numbers, and the files written."""
+    lines = [f"\nSweep of {len(result['runs'])} targets ({controller}), held-out split:",
+             f"  {'target':>10} {'distortion':>10} {'PSNR':>7} {'rate':>9} {'multiplier':>10} "
+             f"{'met':>5} {'reached at':>10} {'settled at':>10}"]
+    for run in result["runs"]:
+        lines.append(f"  {run['target']:>10g} {run['distortion']:>10.5f} {run['psnr']:>7.2f} "
+                     f"{run['rate']:>9.5f} {run['multiplier']:>10.4g} "
+                     f"{str(run['constraint_met']):>5} {str(run['steps_to_target']):>10} "
+                     f"{str(run['steps_to_settle']):>10}")
+    lines.append(f"Wrote {out}/rd.json, rd.png, multipliers.png, reconstructions.png "
+                 f"(figures in {result['figures_seconds']:.1f} s).")
+    return "\n".join(lines)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from progvae.training.checkpoint import atomic_save
+from progvae.core.atomic import atomic_save
 
 EXTRACTOR_NAME = "progvae-digits"
 FEATURES = "penultimate"          # the 64-d layer FID is computed on

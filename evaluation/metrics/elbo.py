@@ -4,7 +4,7 @@ log (1/K) sum_k p(x, z_k) / q(z_k | x) with z_k ~ q(z | x) is >= the ELBO, equal
 expectation at K = 1 and tightens with K. It needs log q - log p at the drawn latents, which
 every kind with a likelihood computes from the posteriors and priors its model returns
 (`RunKind.log_weight`). The single-sample ELBO, MSE and rates come from the one held-out
-evaluator, `progvae.heldout`.
+evaluator, `progvae.runs.heldout`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from progvae.heldout import bits_per_dim, split_means
-from progvae.kinds import RunKind
+from progvae.core.units import bits_per_dim
+from progvae.runs.heldout import split_means
+from progvae.runs.kinds import RunKind
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@
 | `fid_digits` | FID on digit-classifier features, for `--data=digits` only        |
 | `lpips`      | LPIPS (AlexNet) of held-out images against their reconstructions  |
 
-Every metric applies to every kind of run (`progvae.kinds`).
+Every metric applies to every kind of run (`progvae.runs.kinds`).
 
 ELBO and MSE cover the whole split exactly; FID compares `n_samples` samples with the whole
 split; LPIPS covers the whole split. Weights that cannot be found fail before any work.
@@ -26,15 +26,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from progvae.training import dist
-from progvae.atomic import atomic_write_json, flag_non_finite
+from progvae.core.atomic import atomic_write_json, flag_non_finite
+from progvae.core.errors import UserError
 from progvae.data.loading import device_batch, load_data_for, to_model_input
-from progvae.errors import UserError
 from progvae.evaluation.metrics.elbo import importance_weighted_metrics
-from progvae.heldout import HELDOUT_SEED, RANK_SEED_STRIDE, heldout_metrics, seeded
-from progvae.exported import is_exported
-from progvae.kinds import RunKind, draw_samples
-from progvae.runs import load_scored
+from progvae.runs.exported import is_exported
+from progvae.runs.heldout import HELDOUT_SEED, RANK_SEED_STRIDE, heldout_metrics, seeded
+from progvae.runs.kinds import RunKind
+from progvae.runs.load import load_scored
+from progvae.runs.sampling import draw_samples
+from progvae.training import dist
 from progvae.training.dist import default_device
 
 METRICS = ("elbo", "mse", "fid", "fid_digits", "lpips")
@@ -218,3 +219,8 @@ def format_table(result: dict) -> str:
         if result.get(key) is not None:
             lines.append(f"  {label:<28} {result[key]:>10.5f}  {unit}")
     return "\n".join(lines)
+
+
+def format_evaluation(result: dict, run: str | Path) -> str:
+    """What `evaluate` prints: the table and where eval.json went."""
+    return f"{format_table(result)}\nWrote {eval_path(run)} ({result['seconds']:.0f} s)."

@@ -29,12 +29,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from progvae.errors import UserError
-from progvae.training import dist
-from progvae.atomic import atomic_path
+from progvae.core.atomic import atomic_path
+from progvae.core.errors import UserError
 from progvae.data.readers import npy_header
 from progvae.evaluation.metrics.weights import (cache_dir, file_fingerprint, inception_weights,
                                                 load_state_dict_file)
+from progvae.training import dist
 
 INCEPTION = "inception-v3-compat"   # torch-fidelity's name for its FID Inception
 FID_KEY = "frechet_inception_distance"  # torch-fidelity's result key (whatever the extractor)
@@ -89,7 +89,7 @@ class FidScorer:
                                          "torch-fidelity's Inception-v3 weights")
         elif extractor == "digits":
             from progvae.evaluation.metrics.digits_features import (classifier_path,
-                                                            register_with_torch_fidelity)
+                                                                    register_with_torch_fidelity)
             self.name, self.metric = register_with_torch_fidelity(), "fid_digits"
             weights_path = Path(weights) if weights else classifier_path()
         else:

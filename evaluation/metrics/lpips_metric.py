@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from progvae.errors import UserError
+from progvae.core.errors import UserError
 from progvae.evaluation.metrics.weights import alexnet_weights, load_state_dict_file
 
 MIN_SIDE = 64

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
+from progvae.core.errors import UserError
+from progvae.core.untrusted import refused_global
 from progvae.data.cache import cache_root
-from progvae.errors import UserError
-from progvae.training.checkpoint import refused_global
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")

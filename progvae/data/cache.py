@@ -39,8 +39,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from progvae.atomic import atomic_write_json
-from progvae.errors import UserError
+from progvae.core.atomic import atomic_write_json
+from progvae.core.errors import UserError
 
 CACHE_FORMAT = 1  # the layout of an entry and its manifest; a different one is rebuilt
 MANIFEST = "manifest.json"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from progvae.atomic import atomic_path
+from progvae.core.atomic import atomic_path
 
 MIN_CELL_PIXELS = 64  # tiny images (8×8 digits) are enlarged so a grid is legible on screen
 PADDING_GRAY = 128  # mid-gray separates cells on black (digits) and white (sky) backgrounds alike
@@ -20,7 +20,7 @@ def save_grid(images: np.ndarray, path: str | Path, ncols: int | None = None, pa
     `ncols` defaults to ceil(sqrt(N)); cells are separated (and framed) by `padding` mid-gray
     pixels. Images smaller than 64 pixels a side are enlarged by an integer factor with
     nearest-neighbour so each cell is at least 64 pixels. Grayscale stays grayscale. The file
-    is written atomically (`progvae.atomic`), so a reader never sees half a PNG.
+    is written atomically (`progvae.core.atomic`), so a reader never sees half a PNG.
     """
     _write_png_atomically(grid_canvas(images, ncols, padding), Path(path))
 
@@ -53,7 +53,7 @@ def rows_canvas(rows: list[np.ndarray], padding: int = 1) -> np.ndarray:
 def save_labelled(canvas: np.ndarray, caption: str, path: str | Path) -> None:
     """A picture (uint8 (H, W, C)) with a caption above it saying what it shows, as a PNG
     (matplotlib draws the text; pixels are shown one to one)."""
-    from matplotlib.figure import Figure   # no pyplot: no global figure state to leak
+    from matplotlib.figure import Figure  # no pyplot: no global figure state to leak
 
     height, width = canvas.shape[:2]
     dpi = 100

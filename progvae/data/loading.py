@@ -31,10 +31,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from progvae.core.errors import UserError
 from progvae.data.cache import CacheEntry, load_cached
 from progvae.data.readers import (SPLIT_SEED, celeba_recipe, cifar10_recipe, folder_recipe,
                                   imagenet_recipe, list_images, lsun_recipe, svhn_recipe)
-from progvae.errors import UserError
 
 VALID_SPECS = ("digits, patches, folder:PATH, npz:PATH, svhn:DIR, celeba:DIR, lsun:DIR, "
                "cifar10:PATH, imagenet32:DIR, imagenet64:DIR")
@@ -129,7 +129,7 @@ def load_data(spec: str, image_size: int, resize: bool = False, *,
 
 
 def load_data_for(config) -> ImageData:
-    """`load_data` with every data field of a `progvae.config.Config`: data, image_size,
+    """`load_data` with every data field of a `progvae.core.config.Config`: data, image_size,
     resize, svhn_extra, cache_dir and data_workers. Commands that load a run's data call this,
     so a new data field reaches all of them."""
     return load_data(config.data, config.image_size, resize=config.resize,

@@ -32,8 +32,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from progvae.core.errors import UserError
 from progvae.data.cache import CacheWriter, Recipe, fingerprint_files
-from progvae.errors import UserError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp"}
 LSUN_IMAGE_EXTENSIONS = IMAGE_EXTENSIONS | {".webp"}  # LSUN's own export writes .webp files

@@ -15,6 +15,8 @@ PROGVAE_FUSED_GELU=0 in the environment turns it off.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -26,11 +28,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from progvae.atomic import atomic_write_text
+from progvae.core.atomic import atomic_write_text
 
 SOURCE = Path(__file__).with_name("gelu.cpp")
-_operator = None      # torch.ops.progvae.gelu once loaded
-_unavailable = False  # a failed build is not retried in this process
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
@@ -43,32 +43,51 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x)
 
 
+@functools.cache   # built (or found wanting) once per process
 def fused_gelu():
     """The compiled operator, building it on the first call; None where it is switched off or
     cannot be built."""
-    global _operator, _unavailable
-    if _operator is not None or _unavailable:
-        return _operator
     if os.environ.get("PROGVAE_FUSED_GELU", "1") == "0":
-        _unavailable = True
         return None
     try:
-        _operator = _load()
+        return _load()
     except Exception as error:  # noqa: BLE001 - any build failure means: use torch's GELU
-        _unavailable = True
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         warnings.warn(f"progvae could not compile its CPU GELU operator ({first_line[:200]}); "
                       "training uses torch's GELU, which is slower on the CPU.", stacklevel=3)
-    return _operator
+        return None
+
+
+@contextlib.contextmanager
+def _build_environment(ninja_bin: str):
+    """What torch's extension builder needs, for the build alone: the ninja executable on PATH
+    (torch runs `ninja` from PATH and takes no path to it) and its logger quiet (it warns about
+    CUDA_HOME on machines without CUDA). Both are restored afterwards, so the process's
+    environment and torch's logging are as they were."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level, path = logger.level, os.environ.get("PATH")
+    logger.setLevel(logging.ERROR)
+    os.environ["PATH"] = ninja_bin + os.pathsep + (path or "")
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if path is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = path
 
 
 def _load():
-    # cpp_extension logs a warning about CUDA_HOME on import on machines without CUDA.
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    from torch.utils import cpp_extension
+    import ninja  # a dependency: torch's builder runs the `ninja` executable from PATH
 
-    import ninja   # a dependency: torch's builder runs the `ninja` executable from PATH
-    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    with _build_environment(ninja.BIN_DIR):
+        from torch.utils import cpp_extension
+
+        return _build(cpp_extension)
+
+
+def _build(cpp_extension):
     openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
     cflags = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", *openmp]
     # -march=native builds for this CPU: the name carries the CPU's identity, so a build

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from progvae.errors import UserError
+from progvae.core.errors import UserError
 from progvae.models.activations import gelu
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from progvae.config import Config
-from progvae.errors import UserError
+from progvae.core.config import Config
+from progvae.core.errors import UserError
 from progvae.models.distributions import NoiseShard
 from progvae.models.vdvae import VDVAE
 

@@ -78,6 +78,8 @@ class Pipeline(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """The two-stage model's mean reconstruction of x (B, C, H, W) on [-1, 1], same shape
+        (stage one's alone is `reconstruct_by_stage(x)[0]`)."""
         return self.reconstruct_by_stage(x)[1]
 
     @torch.no_grad()

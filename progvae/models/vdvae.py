@@ -15,16 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from progvae.core.config import Config
+from progvae.core.errors import UserError
 from progvae.models.activations import gelu
 from progvae.models.blocks import (Block, BlockSpec, conv, match_channels, parse_block_string,
-                            parse_widths, residual_scale)
-from progvae.config import Config
-from progvae.models.distributions import (NoiseShard, box_gaussian_nll,
-                                          gaussian_log_ratio, gaussian_sample,
-                                          gaussian_sample_with_kl,
+                                   parse_widths, residual_scale)
+from progvae.models.distributions import (NoiseShard, box_gaussian_nll, gaussian_log_ratio,
+                                          gaussian_sample, gaussian_sample_with_kl,
                                           precision_weighted_merge, quantized_latent,
                                           standard_normal_like, uniform_noise_like)
-from progvae.errors import UserError
 from progvae.models.heads import LinearHead
 
 

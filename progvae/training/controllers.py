@@ -47,8 +47,8 @@ from pathlib import Path
 
 import torch
 
-from progvae.config import Config
-from progvae.errors import UserError
+from progvae.core.config import Config
+from progvae.core.errors import UserError
 
 SATURATED_MAJORITY = 0.5  # saturated for more than this fraction of the updates: target missed
 ADAM_EPS = 1e-8           # the multiplier's Adam (torch's default)

@@ -14,7 +14,7 @@ import os
 import torch
 import torch.distributed as torch_dist
 
-from progvae.errors import UserError
+from progvae.core.errors import UserError
 
 
 def launched_by_torchrun() -> bool:

@@ -16,9 +16,10 @@ import time
 import uuid
 from pathlib import Path
 
-from progvae.atomic import atomic_path
-from progvae.errors import UserError
-from progvae.training.checkpoint import CHECKPOINT, load_checkpoint
+from progvae.core.atomic import atomic_path
+from progvae.core.errors import UserError
+from progvae.core.untrusted import load_checkpoint
+from progvae.training.checkpoint import CHECKPOINT
 
 HISTORY = "checkpoints"
 _KEPT = re.compile(r"step_(\d+)\.pt")

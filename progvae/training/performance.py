@@ -13,8 +13,8 @@ import warnings
 import torch
 from torch import nn
 
-from progvae.config import Config
-from progvae.errors import UserError
+from progvae.core.config import Config
+from progvae.core.errors import UserError
 
 PRECISIONS = ("auto", "fp32", "bf16")
 

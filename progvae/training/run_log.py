@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from progvae.atomic import atomic_write_text
+from progvae.core.atomic import atomic_write_text
 from progvae.training import dist
 
 METRICS_LOG = "metrics.jsonl"

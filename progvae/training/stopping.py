@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -50,18 +51,33 @@ class StopRequests:
         return int(agreed.item())
 
 
-def injected_fault(step: int) -> None:
+@dataclass(frozen=True)
+class PlannedFault:
     """Deterministic fault injection for the tests: with PROGVAE_TEST_KILL_AT=STEP (or
     STEP:RANK) the process (of that rank) sends itself SIGKILL (or the signal named by
     PROGVAE_TEST_SIGNAL, e.g. TERM; RAISE: it raises an error instead) right after finishing
-    update STEP, on the first attempt of a torchrun job only, so a restarted job runs through."""
+    update STEP, on the first attempt of a torchrun job only, so a restarted job runs through.
+    Read from the environment once, when training starts (`planned_fault`)."""
+
+    step: int
+    rank: int | None
+    signal_name: str
+
+    def after_update(self, step: int) -> None:
+        if step != self.step or (self.rank is not None and self.rank != dist.rank()):
+            return
+        sys.stdout.flush()
+        if self.signal_name == "RAISE":
+            raise RuntimeError(f"injected failure after step {step} on rank {dist.rank()}")
+        os.kill(os.getpid(), getattr(signal, "SIG" + self.signal_name))
+
+
+def planned_fault() -> PlannedFault | None:
+    """The fault the environment asks the tests' training run to suffer, or None (always, in
+    a user's run and in a restarted torchrun job)."""
     spec = os.environ.get(FAULT_VARIABLE)
     if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return
+        return None
     at_step, _, at_rank = spec.partition(":")
-    if step == int(at_step) and (not at_rank or int(at_rank) == dist.rank()):
-        sys.stdout.flush()
-        if os.environ.get(FAULT_SIGNAL_VARIABLE) == "RAISE":
-            raise RuntimeError(f"injected failure after step {step} on rank {dist.rank()}")
-        number = getattr(signal, "SIG" + os.environ.get(FAULT_SIGNAL_VARIABLE, "KILL"))
-        os.kill(os.getpid(), number)
+    return PlannedFault(int(at_step), int(at_rank) if at_rank else None,
+                        os.environ.get(FAULT_SIGNAL_VARIABLE, "KILL"))

@@ -4,7 +4,7 @@ A stage hands the trainer a model and an objective (progvae.training.objective);
 makes the updates (Adam, warm-up, clipping, skipping, the parameter EMA: progvae.training.updates)
 and runs the loop with its progress bar, logs (progvae.training.run_log), checkpoints with exact
 resumption (progvae.training.rng_state) and clean stops on a cluster's signals
-(progvae.training.stopping). `progvae.training.loop.train_run` drives it and evaluates the
+(progvae.training.stopping). `progvae.runs.train.train_run` drives it and evaluates the
 result. It is written for one process and stays correct under torchrun, where every rank makes
 the same decisions (see progvae.training.dist).
 """
@@ -23,16 +23,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from progvae.config import Config
+from progvae.core.atomic import atomic_save
+from progvae.core.config import Config
+from progvae.core.errors import TrainingInterrupted
 from progvae.data.loading import BatchSampler, ImageData, device_batch
-from progvae.errors import TrainingInterrupted
 from progvae.models.distributions import NoiseShard
 from progvae.training import dist, history, performance
-from progvae.training.checkpoint import CHECKPOINT, atomic_save
+from progvae.training.checkpoint import CHECKPOINT
 from progvae.training.objective import LossModule, Objective
 from progvae.training.rng_state import capture_rng_state, restore_rng_state
 from progvae.training.run_log import RunLog
-from progvae.training.stopping import StopRequests, injected_fault
+from progvae.training.stopping import StopRequests, planned_fault
 from progvae.training.updates import (FlatParameters, SkipRecord, skip_update, update_ema,
                                       warmup_learning_rate)
 
@@ -313,6 +314,7 @@ class Trainer:
                    desc=f"{self.stage} (batch means, live weights)",
                    disable=self.quiet or not dist.is_main(), file=sys.stdout, mininterval=1.0)
         first_step = self.step
+        fault = planned_fault()
         started = time.perf_counter()
         offset = self.elapsed
         while self.step < config.steps:
@@ -340,7 +342,8 @@ class Trainer:
                 self.evaluate_periodically(self.step)
             if checkpointing:
                 self.save_checkpoint()
-            injected_fault(self.step)
+            if fault is not None:
+                fault.after_update(self.step)
             # Under torchrun the signal number is agreed (one more collective) only when an
             # update's all-reduce said some rank was asked to stop; a signal that arrived after
             # it stops the run an update or two later.

@@ -9,7 +9,7 @@ import collections
 import torch
 from torch import nn
 
-from progvae.config import Config
+from progvae.core.config import Config
 
 SKIP_WINDOW = 100        # recent updates inspected by the stall warning
 SKIP_WARN_FRACTION = 0.5

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from progvae.errors import UserError
+from progvae.core.errors import UserError
 from progvae.models.distributions import box_gaussian_nll
 
 MAGIC = b"PVC\x00"

@@ -3,8 +3,8 @@ train through `train_run`.
 
 It checks the data and the run directory, builds the kind's network, resumes from the last
 checkpoint, trains (progvae.training.trainer), evaluates the EMA weights on the whole held-out
-split with the one held-out evaluator (progvae.heldout, the same numbers `evaluate` gives), writes
-`summary.json` and the image grids. A stage supplies only what is its own, as a `Recipe`: the
+split with the one held-out evaluator (progvae.runs.heldout, the same numbers `evaluate`
+gives), writes `summary.json` and the image grids. A stage supplies only what is its own, as a `Recipe`: the
 objective, and where it needs them a data check, a model adjustment, extra summary keys.
 """
 
@@ -19,15 +19,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from progvae.training import dist
-from progvae.atomic import atomic_write_json, flag_non_finite
-from progvae.config import Config
-from progvae.data.loading import ImageData, to_model_input, to_uint8_images
-from progvae.heldout import HELDOUT_SEED, heldout_metrics, seeded
-from progvae.curves import write_curves
+from progvae.core.atomic import atomic_write_json, flag_non_finite
+from progvae.core.config import Config
 from progvae.data.images import grid_canvas, rows_canvas, save_labelled, save_png
-from progvae.kinds import RunKind
-from progvae.runs import PreparedRun, prepare_run
+from progvae.data.loading import ImageData, to_model_input, to_uint8_images
+from progvae.runs.curves import write_curves
+from progvae.runs.directory import PreparedRun, prepare_run
+from progvae.runs.heldout import HELDOUT_SEED, heldout_metrics, seeded
+from progvae.runs.kinds import KINDS, RunKind
+from progvae.training import dist
 from progvae.training.objective import Objective
 from progvae.training.trainer import Trainer
 
@@ -162,3 +162,36 @@ def comparison_canvas(image_sets: list[np.ndarray]) -> np.ndarray:
 
 def write_comparison(image_sets: list[np.ndarray], path: Path) -> None:
     save_png(comparison_canvas(image_sets), path)
+
+
+def format_summary(summary: dict, out: str | Path, title: str = "") -> str:
+    """What the training commands print of a summary.json: a heading, then the kind's numbers
+    (a rate under a constraint, a composite ELBO, or an ELBO), then the files written.
+    Non-finite values (None in the file, see progvae.core.atomic.flag_non_finite) print as
+    nan."""
+    summary = {key: float("nan") if value is None else value for key, value in summary.items()}
+    kind = KINDS[summary["stage"]]
+    lines = [f"\n{title or summary['stage']}, held-out split (EMA weights) after "
+             f"{summary['steps']} steps ({summary['skipped']} skipped):"]
+    if kind.composite:
+        lines += [f"  ELBO {summary['elbo']:.4f} nats/dim = {summary['bpd']:.4f} bits/dim "
+                  f"(stage-one rate {summary['stage1_rate']:.4f}, stage-two rate "
+                  f"{summary['rate']:.4f}, nll {summary['nll']:.4f})",
+                  f"  MSE of stage one {summary['stage1_distortion']:.5f} -> final "
+                  f"{summary['mse']:.5f} (PSNR {summary['psnr']:.2f} dB)"]
+    elif kind.has_likelihood:
+        lines += [f"  ELBO {summary['elbo']:.4f} nats/dim = {summary['bpd']:.4f} bits/dim "
+                  f"(rate {summary['rate']:.4f}, nll {summary['nll']:.4f})",
+                  f"  MSE of the DMoL mean {summary['mse']:.5f} (PSNR {summary['psnr']:.2f} dB)"]
+    else:
+        notes = {"distortion": "", "rate": ""}
+        if summary.get("constrained") in notes:   # absent from summaries of older runs
+            notes[summary["constrained"]] = (f"  (target {summary['target']}, "
+                                             f"{100 * summary['relative_error']:+.1f}%)")
+        lines += [f"  distortion {summary['distortion']:.5f} MSE/dim{notes['distortion']}   "
+                  f"PSNR {summary['psnr']:.2f} dB",
+                  f"  rate       {summary['rate']:.5f} nats/dim{notes['rate']}   "
+                  f"multiplier {summary['multiplier']:.5g}"]
+    lines.append(f"  {summary['steps_per_second']:.1f} steps/s; wrote {out}/summary.json, "
+                 "reconstructions.png, samples.png")
+    return "\n".join(lines)

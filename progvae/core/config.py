@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from progvae.errors import UserError
+from progvae.core.errors import UserError
 
 
 def option(default: Any, help: str, *, minimum: float | None = None,

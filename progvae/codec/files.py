@@ -8,16 +8,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from progvae.atomic import atomic_write_bytes, writable_folder, writable_output
-from progvae.codec import Codec, prefix_bytes, read_pvc
+from progvae.codec.coder import Codec, prefix_bytes, read_pvc
+from progvae.core.atomic import atomic_write_bytes, writable_folder, writable_output
+from progvae.core.errors import UserError
 from progvae.data.images import save_png
 from progvae.data.readers import IMAGE_EXTENSIONS, list_images, read_image
-from progvae.errors import UserError
 
 
 def load_codec(run: str) -> Codec:
     """The codec of a trained run (a directory or an exported file)."""
-    from progvae.runs import load_model
+    from progvae.runs.load import load_model
 
     if not run:
         raise UserError("Pass --run=RUN, a stage one trained with --latents=quantized (a run "
@@ -45,9 +45,9 @@ def image_files(images: str) -> list[Path]:
 
 
 def psnr_uint8(original: np.ndarray, decoded: np.ndarray) -> float:
-    """PSNR in dB between two uint8 pictures (peak 255), via `progvae.heldout.psnr` on the
+    """PSNR in dB between two uint8 pictures (peak 255), via `progvae.runs.heldout.psnr` on the
     [-1, 1] scale, where a level is 1/127.5."""
-    from progvae.heldout import psnr
+    from progvae.core.units import psnr
 
     mse = np.mean((original.astype(np.float64) - decoded.astype(np.float64)) ** 2)
     return psnr(mse / 127.5 ** 2)
@@ -101,3 +101,10 @@ def decompress_file(codec: Codec, file: str, out: str, groups: int | None) -> di
     return {"out": str(target), "groups": decoded, "of": codec.n_groups, "bytes": used,
             "bpp": 8 * used / (header.width * header.height), "width": header.width,
             "height": header.height, "seconds": seconds}
+
+
+def format_decompressed(done: dict) -> str:
+    """What `decompress` prints of `decompress_file`'s result."""
+    return (f"Wrote {done['out']}: {done['width']}x{done['height']} from {done['groups']} of "
+            f"{done['of']} groups ({done['bytes']:,} bytes, {done['bpp']:.3f} bits/pixel, "
+            f"{done['seconds']:.2f} s).")

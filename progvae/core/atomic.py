@@ -7,12 +7,15 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
-from progvae.errors import UserError
+import torch
+
+from progvae.core.errors import UserError
 
 
 @contextlib.contextmanager
@@ -110,3 +113,24 @@ def writable_folder(path, flag: str) -> Path:
         raise UserError(f"{flag}='{path}' cannot be written (no permission); pass a folder you "
                         "can write to.")
     return path
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save through `progvae.core.atomic.atomic_path`: a kill at any moment leaves either the
+    old file or the new one, never half of one. A write that fails (a full disk, a quota or
+    file-size limit) leaves the old one too, and is one sentence saying so."""
+    path = Path(path)
+    try:
+        with atomic_path(path) as temporary:
+            torch.save(obj, temporary)
+    except (OSError, RuntimeError) as error:   # torch's writer reports a failed write as a
+        # RuntimeError without the cause; say what there is, and how much room is left
+        cause = error.strerror if isinstance(error, OSError) and error.strerror else \
+            "the write failed"
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2 ** 30:.1f} GiB free there"
+        except OSError:
+            free = "free space unknown"
+        raise UserError(f"Could not write '{path}' ({cause}; {free}): the previous checkpoint is "
+                        "intact, so free space (or raise the file-size limit) and run the same "
+                        "command again to continue from it.") from None

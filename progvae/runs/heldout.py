@@ -1,7 +1,7 @@
 """The one held-out evaluator: the end of training, periodic evaluation and `evaluate` all call
 `heldout_metrics`, so the same checkpoint always gives the same numbers.
 
-For every kind of run the kind's per-image terms (`progvae.kinds`) are computed on every image
+For every kind of run the kind's per-image terms (`progvae.runs.kinds`) are computed on every image
 of the split (the last, short batch included) and averaged in float64, under a fixed seed and in
 fixed batches, so a run's `summary.json` and its `eval.json` agree exactly.
 
@@ -20,29 +20,19 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import math
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from progvae.training import dist
+from progvae.core.units import bits_per_dim, psnr
 from progvae.data.loading import device_batch
-from progvae.kinds import RunKind
+from progvae.runs.kinds import RunKind
+from progvae.training import dist
 
 HELDOUT_SEED = 0          # the seed of every held-out evaluation unless `evaluate --seed` says
 RANK_SEED_STRIDE = 7919   # rank r draws under seed + r * stride (rank 0: the one-process seed)
-
-
-def psnr(distortion: float) -> float:
-    """PSNR in dB of an MSE per dimension on the [-1, 1] scale (peak-to-peak 2): 10 log10(4/D)."""
-    return 10 * math.log10(4.0 / distortion) if distortion > 0 else float("inf")
-
-
-def bits_per_dim(nats_per_dim: float) -> float:
-    """Bits per dimension of a (negative) ELBO in nats per dimension: -ELBO / ln 2."""
-    return -nats_per_dim / math.log(2)
 
 
 @contextlib.contextmanager
@@ -84,7 +74,7 @@ def split_means(terms: Callable[[torch.Tensor], dict[str, torch.Tensor]], images
 def heldout_metrics(kind: RunKind, model: nn.Module, images: np.ndarray, batch_size: int = 64,
                     seed: int = HELDOUT_SEED) -> dict:
     """The kind's terms averaged over `images`, plus n_images, psnr and (with a likelihood)
-    bpd. `model` is the scored model of the kind (`progvae.kinds`), in eval mode."""
+    bpd. `model` is the scored model of the kind (`progvae.runs.kinds`), in eval mode."""
     model.eval()
     device = next(model.parameters()).device
     metrics = {"n_images": len(images),

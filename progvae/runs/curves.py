@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from progvae.atomic import atomic_path
-from progvae.errors import UserError
+from progvae.core.atomic import atomic_path, writable_output
+from progvae.core.errors import UserError
 
 CURVES = "curves.png"
 
@@ -60,7 +60,7 @@ def write_curves(run: str | Path, out: str | Path | None = None,
                  final: dict | None = None) -> Path:
     """Draw the run's curves to `out` (default RUN/curves.png); `final` adds the end-of-training
     held-out numbers (summary.json's) as the last held-out points. Returns the path."""
-    from matplotlib.figure import Figure   # no pyplot: no global figure state to leak
+    from matplotlib.figure import Figure  # no pyplot: no global figure state to leak
 
     run = Path(run)
     if not (run / "metrics.jsonl").is_file():
@@ -105,3 +105,17 @@ def write_curves(run: str | Path, out: str | Path | None = None,
     with atomic_path(out) as temporary, open(temporary, "wb") as stream:
         figure.savefig(stream, format="png", dpi=90)
     return out
+
+
+def plot_run(run: str | Path, out: str | Path = "") -> Path:
+    """`progvae plot`: the curves of the run directory `run` to `out` (default RUN/curves.png),
+    with the end-of-training held-out numbers once it has finished; returns the path."""
+    from progvae.runs.load import run_summary
+
+    if not run:
+        raise UserError("Pass --run=RUN, the directory of a training run.")
+    if not Path(str(run)).is_dir():
+        raise UserError(f"Run directory '{run}' does not exist; pass the --out of a training "
+                        "run.")
+    target = writable_output(out or Path(str(run)) / CURVES, "--out", ".png")
+    return write_curves(run, target, final=run_summary(run) or None)

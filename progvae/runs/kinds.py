@@ -3,7 +3,7 @@
 Every command that trains, loads, samples, scores or reports a run looks its kind up here, and
 no other module compares kind names. A kind says which network its run directory holds, how
 that network is scored on held-out images (the per-image terms that the one held-out evaluator,
-`progvae.heldout`, averages), how it samples and reconstructs, and how it is described.
+`progvae.runs.heldout`, averages), how it samples and reconstructs, and how it is described.
 
 | kind     | network in checkpoint.pt            | scored and sampled as            | likelihood |
 | -------- | ----------------------------------- | -------------------------------- | ---------- |
@@ -21,12 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
-from progvae.config import Config
-from progvae.errors import UserError
+from progvae.core.config import Config
+from progvae.core.errors import UserError
 from progvae.models.heads import mse_per_image
 from progvae.models.masked_coder import MaskedCoder
 from progvae.models.pipeline import Pipeline, composite_terms
@@ -157,28 +156,6 @@ KINDS: dict[str, RunKind] = {kind.name: kind for kind in (
             terms=lambda model, x: vdvae_terms(model, x, likelihood=False),
             sample=_mean_samples, reconstruct=_reconstruct, has_likelihood=False),
 )}
-
-
-@torch.no_grad()
-def draw_samples(kind: RunKind, model: nn.Module, n: int, temperature: float = 1.0,
-                 batch_size: int = 256, stage1_temperature: float | None = None,
-                 progress: bool = False, pixel_temperature: float | None = None) -> np.ndarray:
-    """n samples of a kind's scored model as uint8 NHWC, drawn in batches (with a progress bar
-    if asked): the one sampling loop of `sample`, `evaluate` and the demo. `stage1_temperature`
-    (two-stage kinds) and `pixel_temperature` (DMoL heads) default to `temperature`."""
-    from tqdm import tqdm
-
-    from progvae.data.loading import to_uint8_images
-
-    batches = []
-    with tqdm(total=n, desc=f"sampling ({kind.name})", disable=not progress) as bar:
-        for start in range(0, n, batch_size):
-            count = min(batch_size, n - start)
-            images = kind.sample(model, count, temperature, stage1_temperature,
-                                 pixel_temperature)
-            batches.append(to_uint8_images(images.cpu()))
-            bar.update(count)
-    return np.concatenate(batches)
 
 
 def get_kind(name: str | None, where: str = "this run") -> RunKind:

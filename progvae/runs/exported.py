@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from progvae.atomic import atomic_path
-from progvae.config import Config
-from progvae.errors import UserError
+from progvae.core.atomic import atomic_path
+from progvae.core.config import Config
+from progvae.core.errors import UserError
 
 SUFFIX = ".safetensors"
 FORMAT = "progvae-model"
