@@ -23,6 +23,7 @@ from pathlib import Path
 from progvae.core.atomic import atomic_path, atomic_write_json, atomic_write_text, writable_output
 from progvae.core.errors import UserError
 from progvae.runs.curves import write_curves
+from progvae.runs.directory import recorded_kind
 from progvae.runs.kinds import KINDS
 
 IMAGES = ("samples.png", "reconstructions.png", "rd.png", "multipliers.png")
@@ -45,7 +46,7 @@ def read_run(path: Path) -> dict:
     values = dict(summary)
     if evaluated and evaluated.get("step") == summary.get("steps", evaluated.get("step")):
         values.update(evaluated)
-    return {"path": path, "kind": config.get("stage", "?"), "data": config.get("data"),
+    return {"path": path, "kind": recorded_kind(config) or "?", "data": config.get("data"),
             "values": values, "evaluated": bool(evaluated)}
 
 

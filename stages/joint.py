@@ -7,7 +7,7 @@ from pathlib import Path
 
 from progvae.core.config import Config
 from progvae.runs.kinds import KINDS
-from progvae.runs.train import Recipe, train_run
+from progvae.runs.train import StageParts, train_run
 from progvae.stages.stage2 import CompositeObjective
 
 
@@ -15,6 +15,7 @@ def train_joint(config: Config, out: str | Path, quiet: bool = False,
                 resume_from: int = 0) -> dict:
     """Train (or continue) a joint run in `out`; returns the held-out summary. The Pipeline it
     trains has exactly the two-stage model's parameters (KINDS["joint"].build)."""
-    summary, _ = train_run(KINDS["joint"], config, out, Recipe(CompositeObjective(), quiet=quiet),
-                            resume_from)
+    summary, _ = train_run(KINDS["joint"], config, out,
+                           StageParts(CompositeObjective(), quiet=quiet),
+                           resume_from)
     return summary

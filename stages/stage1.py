@@ -11,7 +11,7 @@ import torch
 from progvae.core.config import Config
 from progvae.models.distributions import NoiseShard
 from progvae.runs.kinds import KINDS
-from progvae.runs.train import Recipe, train_run
+from progvae.runs.train import StageParts, train_run
 from progvae.training import dist
 from progvae.training.controllers import (build_controller, check_same_controller,
                                           constraint_summary, constraint_warning)
@@ -62,9 +62,9 @@ def train_stage1(config: Config, out: str | Path, quiet: bool = False,
     """Train (or continue) a stage-one run in `out`; returns the held-out summary."""
     controller = build_controller(config)          # fails on a bad target before any write
     check_same_controller(out, config)
-    recipe = Recipe(Stage1Objective(controller), quiet=quiet,
+    parts = StageParts(Stage1Objective(controller), quiet=quiet,
                     summary=controller_summary(controller, config.constraint_tolerance))
-    summary, _ = train_run(KINDS["stage1"], config, out, recipe, resume_from)
+    summary, _ = train_run(KINDS["stage1"], config, out, parts, resume_from)
     if dist.is_main():
         warning = constraint_warning(summary)
         if warning:

@@ -22,7 +22,7 @@ from progvae.runs.directory import load_run_config
 from progvae.runs.exported import is_exported, read_exported
 from progvae.runs.kinds import KINDS
 from progvae.runs.load import load_model, run_summary
-from progvae.runs.train import Recipe, train_run
+from progvae.runs.train import StageParts, train_run
 from progvae.training import dist
 from progvae.training.checkpoint import CHECKPOINT
 from progvae.training.controllers import constraint_warning
@@ -58,7 +58,7 @@ def load_finished_stage1(run: str | Path, device: torch.device
     """A finished stage-one run's config, EMA network and step."""
     config, model, info = load_model(run, device)
     if info["kind"] is not KINDS["stage1"]:
-        raise UserError(f"--stage1='{run}' is a {info['stage']} run; pass a stage-one run.")
+        raise UserError(f"--stage1='{run}' is a {info['kind'].name} run; pass a stage-one run.")
     if not info["finished"]:
         raise UserError(f"The stage-one run '{run}' stopped at step {info['step']} of "
                         f"{config.steps}; finish it first by re-running its command.")
@@ -118,9 +118,9 @@ def train_stage2(config: Config, stage1_run: str | Path, out: str | Path,
     check_same_stage1(out, provenance)
     config = dataclasses.replace(config, stage1=str(Path(stage1_run).resolve()), **provenance)
     warn_if_stage1_missed_its_target(stage1_run)
-    recipe = Recipe(CompositeObjective(stage1), check_data=check_data, quiet=quiet,
+    parts = StageParts(CompositeObjective(stage1), check_data=check_data, quiet=quiet,
                     scored=lambda stage2: Pipeline(stage1, stage2))
-    summary, _ = train_run(KINDS["stage2"], config, out, recipe, resume_from)
+    summary, _ = train_run(KINDS["stage2"], config, out, parts, resume_from)
     return summary
 
 

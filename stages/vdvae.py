@@ -15,7 +15,7 @@ from progvae.core.config import Config
 from progvae.models.distributions import NoiseShard
 from progvae.models.vdvae import VDVAE
 from progvae.runs.kinds import KINDS
-from progvae.runs.train import Recipe, train_run
+from progvae.runs.train import StageParts, train_run
 from progvae.training.objective import FixedObjective
 
 
@@ -35,6 +35,6 @@ class ElboObjective(FixedObjective):
 def train_vdvae(config: Config, out: str | Path, quiet: bool = False,
                 resume_from: int = 0) -> dict:
     """Train (or continue) a plain VDVAE run in `out`; returns the held-out summary."""
-    summary, _ = train_run(KINDS["vdvae"], config, out, Recipe(ElboObjective(), quiet=quiet),
+    summary, _ = train_run(KINDS["vdvae"], config, out, StageParts(ElboObjective(), quiet=quiet),
                             resume_from)
     return summary

@@ -33,7 +33,7 @@ TARGETS = {
     "progvae/models/dmol.py": ["tests/test_dmol.py"],
     "progvae/models/distributions.py": [
         "tests/test_model.py", "-k", "kl or merge or ratio or shard or reparameterised"],
-    "progvae/heldout.py": [
+    "progvae/runs/heldout.py": [
         "tests/test_evaluation.py", "tests/test_stage2.py", "-k",
         "heldout or importance or log_ratio or monte_carlo"],
     "evaluation/metrics/elbo.py": ["tests/test_evaluation.py", "-k", "importance"],

@@ -53,7 +53,8 @@ def test_a_short_run_writes_the_run_directory_contract(finished_run):
     assert {"step", "loss", "rate", "distortion", "multiplier", "grad_norm", "skipped",
             "lr"} <= set(line)
     summary = json.loads((finished_run / "summary.json").read_text())
-    assert {"rate", "distortion", "psnr", "multiplier", "target"} <= set(summary)
+    assert {"rate", "mse", "psnr", "multiplier", "target"} <= set(summary)
+    assert "distortion" not in summary   # the MSE is reported once, as mse
 
 
 def test_sample_writes_a_grid(finished_run, tmp_path):

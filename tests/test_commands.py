@@ -66,7 +66,7 @@ def test_stage2_defaults_to_the_stage_one_runs_configuration(runs):
     first, second = read(runs["stage1"] / "config.json"), read(runs["stage2"] / "config.json")
     for name in ("width", "zdim", "enc_blocks", "dec_blocks", "data", "batch_size", "lr"):
         assert second[name] == first[name], name
-    assert second["steps"] == 2 and second["stage"] == "stage2"
+    assert second["steps"] == 2 and second["kind"] == "stage2"
     assert Path(second["stage1"]) == runs["stage1"].resolve()
 
 
@@ -81,7 +81,7 @@ def test_evaluate_agrees_exactly_with_the_summary_of_the_same_checkpoint(runs, k
     for name in names:
         assert evaluated[name] == summary[name], name
     if kind == "stage1":
-        assert summary["distortion"] == evaluated["mse"]
+        assert summary["mse"] == evaluated["mse"]
 
 
 def test_evaluated_mse_and_rates_match_an_independent_computation(runs):
@@ -145,9 +145,9 @@ def test_progressive_then_report_end_to_end(runs, tmp_path):
     # D_K, R'_K and the lambda* bound are the held-out numbers of the two runs it trained,
     # which are ordinary run directories: evaluate and sample work on them
     decoder, gamma = out / "conventional_decoder", out / "gamma_optimal"
-    assert table["D_K"] == read(decoder / "summary.json")["distortion"]
+    assert table["D_K"] == read(decoder / "summary.json")["mse"]
     assert table["R_prime_K"] == read(gamma / "summary.json")["rate"]
-    assert table["lambda_star_upper"] == read(gamma / "summary.json")["distortion"]
+    assert table["lambda_star_upper"] == read(gamma / "summary.json")["mse"]
     # the EMA spans at most 5% of a short run (2 steps: none, the final weights), and the
     # same for both decoders
     assert read(decoder / "config.json")["ema_rate"] == 0.0

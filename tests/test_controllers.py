@@ -249,7 +249,7 @@ def test_constraint_summary_and_warning():
     assert summary["relative_error"] == pytest.approx(0.04)
     missed = constraint_summary(controller, rate=0.2, distortion=1.06 * TARGET, tolerance=0.05)
     assert missed["constraint_met"] is False
-    warning = constraint_warning({**missed, "rate": 0.2, "distortion": 1.06 * TARGET,
+    warning = constraint_warning({**missed, "rate": 0.2, "mse": 1.06 * TARGET,
                                   "multiplier": controller.multiplier})
     assert "distortion target 0.01 MSE/dim" in warning and "0.0106" in warning
 
@@ -279,7 +279,7 @@ def test_an_unreachable_target_ends_unmet_at_the_bound_with_a_warning(name, tmp_
     assert written["constraint_met"] is False
     warning = capsys.readouterr().err
     assert "distortion target 1e-06 MSE/dim was not met" in warning
-    assert f"{summary['distortion']:.5g}" in warning
+    assert f"{summary['mse']:.5g}" in warning
 
 
 @pytest.mark.parametrize("name, fields, constrained", [
@@ -486,7 +486,7 @@ def test_the_constraint_is_met_up_to_its_tolerance_and_half_the_updates_saturate
 
 def test_the_warning_gives_the_figures():
     summary = {"constraint_met": False, "constrained": "distortion", "target": 0.01,
-               "distortion": 0.0125, "relative_error": 0.25, "multiplier": 0.9999,
+               "mse": 0.0125, "relative_error": 0.25, "multiplier": 0.9999,
                "saturated_fraction": 0.8}
     warning = constraint_warning(summary)
     assert "held-out distortion is 0.0125 (+25.0%)" in warning

@@ -430,6 +430,7 @@ def test_report_puts_runs_side_by_side(tmp_path):
     for name, kind, elbo, fid in (("joint", "joint", -1.31, 18.9), ("two", "stage2", -1.46, 10.1)):
         run = tmp_path / name
         run.mkdir()
+        # the key runs written before the rename carry: still read
         (run / "config.json").write_text(json.dumps({"stage": kind, "data": "digits"}))
         (run / "summary.json").write_text(json.dumps({"steps": 100, "elbo": elbo, "bpd": 2.0,
                                                       "rate": 0.1, "mse": 0.01}))

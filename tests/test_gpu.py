@@ -28,7 +28,7 @@ def test_a_stage_one_run_on_cuda_trains_resumes_and_evaluates(tmp_path):
     assert again.returncode == 0, again.stderr
     assert "Resuming stage1 from step 20 of 30" in again.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 30 and summary["distortion"] < 1.0
+    assert summary["steps"] == 30 and summary["mse"] < 1.0
     evaluated = subprocess.run([sys.executable, "-m", "progvae", "evaluate", f"--run={out}",
                                 "--metrics=elbo,mse"], capture_output=True, text=True,
                                timeout=900)

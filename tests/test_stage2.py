@@ -103,7 +103,7 @@ def test_stage_one_is_bit_identical_after_stage_two_steps(stage1_run, tmp_path):
     _, stage1, _ = load_model(stage1_run)
     before = copy.deepcopy(stage1.state_dict())
     prepared = prepare_run(small_config(steps=4), tmp_path / "s2", "stage2")
-    config, data, out = prepared.config, prepared.data, prepared.out_dir
+    config, data, out = prepared.config, prepared.data, prepared.run_dir
     model = KINDS["stage2"].build(config)
     trainer = Trainer(model, CompositeObjective(stage1), config, data, out, "stage2", quiet=True)
     trainer.fit()
@@ -202,7 +202,7 @@ def test_sample_on_a_run_of_unknown_kind(stage1_run, tmp_path):
     strange = tmp_path / "strange"
     shutil.copytree(stage1_run, strange)
     state = torch.load(strange / "checkpoint.pt", weights_only=True)
-    state["stage"] = "mystery"
+    state["kind"] = "mystery"
     torch.save(state, strange / "checkpoint.pt")
     assert "unknown kind" in _error_line(
         progvae("sample", f"--run={strange}", f"--out={tmp_path / 'x.png'}"))

@@ -58,7 +58,7 @@ def test_a_sweep_writes_its_report_skips_finished_targets_and_continues_unfinish
                 "steps_to_target", "steps_to_settle"} <= set(run)
         summary = json.loads((out / run["run"] / "summary.json").read_text())
         assert summary["target"] == run["target"] and summary["controller"] == "dco"
-        assert run["distortion"] == summary["distortion"] and run["rate"] == summary["rate"]
+        assert run["distortion"] == summary["mse"] and run["rate"] == summary["rate"]
     for name in ("rd.png", "multipliers.png"):
         assert iio.imread(out / name).ndim == 3
     # an originals row and a row per target, each image enlarged to at least 64 pixels

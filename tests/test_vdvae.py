@@ -50,7 +50,7 @@ def test_a_short_run_writes_its_summary_and_samples(tmp_path):
     for name in ("samples.png", "reconstructions.png", "checkpoint.pt", "metrics.jsonl"):
         assert (out / name).is_file()
     _, model, info = load_model(out)
-    assert info["stage"] == "vdvae" and info["finished"]
+    assert info["kind"].name == "vdvae" and info["finished"]
     _, scored, info = load_scored(out)
     images = info["kind"].sample(scored, 3, 1.0, None, None)
     assert info["kind"].name == "vdvae" and images.shape == (3, 1, 16, 16)

@@ -43,7 +43,7 @@ from progvae.models.vdvae import VDVAE
 from progvae.runs.heldout import HELDOUT_SEED, heldout_metrics, seeded
 from progvae.runs.kinds import KINDS
 from progvae.runs.load import load_model
-from progvae.runs.train import Recipe, train_run, write_comparison
+from progvae.runs.train import StageParts, train_run, write_comparison
 from progvae.stages.stage1 import Stage1Objective, controller_summary
 from progvae.training import dist
 from progvae.training.controllers import build_controller
@@ -130,7 +130,7 @@ def run_progressive(vdvae_run: str | Path, out: str | Path, data_spec: str = "",
     device = default_device()
     config, vdvae, info = load_model(vdvae_run, device)
     if info["kind"] is not KINDS["vdvae"]:
-        raise UserError(f"--run='{vdvae_run}' is a {info['stage']} run; the progressive-coding "
+        raise UserError(f"--run='{vdvae_run}' is a {info['kind'].name} run; the progressive-coding "
                         "experiment needs a plain VDVAE run (python -m progvae vdvae).")
     if not info["finished"]:
         raise UserError(f"The VDVAE run '{vdvae_run}' stopped at step {info['step']} of "
@@ -177,7 +177,7 @@ def run_progressive(vdvae_run: str | Path, out: str | Path, data_spec: str = "",
 
     decoder_summary, decoder_trainer = train_run(
         KINDS["progressive_decoder"], coder_config, out / "conventional_decoder",
-        Recipe(DistortionObjective(), check_data=check_data, prepare_model=with_vdvae(False),
+        StageParts(DistortionObjective(), check_data=check_data, prepare_model=with_vdvae(False),
                quiet=quiet))
 
     # Gamma-optimal: the VDVAE's inference path, now trainable, paired with a masked decoder
@@ -191,7 +191,7 @@ def run_progressive(vdvae_run: str | Path, out: str | Path, data_spec: str = "",
     controller = build_controller(gamma_config)
     gamma_summary, gamma_trainer = train_run(
         KINDS["progressive_gamma"], gamma_config, out / "gamma_optimal",
-        Recipe(Stage1Objective(controller), check_data=check_data,
+        StageParts(Stage1Objective(controller), check_data=check_data,
                prepare_model=with_vdvae(True), quiet=quiet,
                summary=controller_summary(controller, gamma_config.constraint_tolerance)))
 
@@ -199,8 +199,8 @@ def run_progressive(vdvae_run: str | Path, out: str | Path, data_spec: str = "",
         "data": data.name, "vdvae_run": str(vdvae_run), "vdvae_steps": info["step"],
         "vdvae_elbo": conventional["elbo"], "vdvae_bpd": conventional["bpd"],
         "max_resolution": max_resolution, "K": n_groups, "n_groups": vdvae.n_groups,
-        "R_K": rate_k, "D_K": decoder_summary["distortion"],
-        "R_prime_K": gamma_summary["rate"], "lambda_star_upper": gamma_summary["distortion"],
+        "R_K": rate_k, "D_K": decoder_summary["mse"],
+        "R_prime_K": gamma_summary["rate"], "lambda_star_upper": gamma_summary["mse"],
         "D_T": conventional["mse"],
         "gamma_multiplier": controller.multiplier,
         "decoder_steps": decoder_trainer.step, "decoder_seconds": round(decoder_trainer.elapsed, 1),

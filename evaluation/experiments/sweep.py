@@ -145,7 +145,7 @@ def _run_row(out: Path, target: float) -> dict:
                 break
             settled_at = values[index][0]
     return {"target": target, "run": run_dir.name, "steps": summary["steps"],
-            "distortion": summary["distortion"], "psnr": summary["psnr"],
+            "distortion": summary["mse"], "psnr": summary["psnr"],
             "rate": summary["rate"], "multiplier": summary["multiplier"],
             "constraint_met": summary.get("constraint_met"),
             "relative_error": summary.get("relative_error"),

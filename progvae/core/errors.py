@@ -14,10 +14,10 @@ class TrainingInterrupted(Exception):
     at its current step. The command line prints one line saying how to resume and exits with
     128 + the signal number, as a shell reports a process ended by that signal."""
 
-    def __init__(self, signal_number: int, step: int, steps: int, out_dir: str):
+    def __init__(self, signal_number: int, step: int, steps: int, run_dir: str):
         import signal
 
         self.signal_number = signal_number
         self.name = signal.Signals(signal_number).name
         super().__init__(f"stopped by {self.name} at step {step} of {steps}; the checkpoint in "
-                         f"'{out_dir}' is saved: run the same command again to continue.")
+                         f"'{run_dir}' is saved: run the same command again to continue.")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from progvae.core.atomic import atomic_path, writable_output
 from progvae.core.errors import UserError
+from progvae.runs.directory import recorded_kind
 
 CURVES = "curves.png"
 
@@ -32,7 +33,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def _panels(config: dict, train: list[dict], heldout: list[dict]) -> list[dict]:
     """What to draw: one panel per quantity the run logged."""
-    constrained = config.get("stage") == "stage1"   # the other kinds have no target
+    constrained = recorded_kind(config) == "stage1"   # the other kinds have no target
     target = (config.get("distortion_target") or None) if constrained else None
     rate_target = (config.get("rate_target") or None) if constrained else None
     candidates = [
@@ -96,7 +97,7 @@ def write_curves(run: str | Path, out: str | Path | None = None,
         axis.legend(fontsize=7)
     for axis in list(axes.flat)[len(panels):]:
         axis.axis("off")
-    figure.suptitle(f"{config.get('stage', 'run')} '{run.name}' on {config.get('data', '?')}",
+    figure.suptitle(f"{recorded_kind(config) or 'run'} '{run.name}' on {config.get('data', '?')}",
                     fontsize=11)
     # fixed margins: tight_layout would cost more than drawing the figure
     figure.subplots_adjust(left=0.08, right=0.98, bottom=0.1, top=0.86 if rows == 1 else 0.9,

@@ -22,6 +22,8 @@ from progvae.training import dist, history
 from progvae.training.checkpoint import CHECKPOINT
 from progvae.training.history import HISTORY
 
+KIND_KEY = "kind"          # config.json's (and the checkpoint's) name of the run's kind
+OLD_KIND_KEY = "stage"     # what runs written before the rename call it; still read
 LOCK = ".progvae.lock"   # held (flock) by the one process writing a run directory
 
 
@@ -32,7 +34,7 @@ class PreparedRun:
 
     config: Config
     data: ImageData
-    out_dir: Path
+    run_dir: Path
     resume_state: dict | None
     lock: IO | None
 
@@ -61,39 +63,39 @@ def prepare_run(config: Config, out: str | Path, stage: str,
     if config.batch_size > len(data.train):
         raise UserError(f"batch_size={config.batch_size} is larger than the {len(data.train)} "
                         "training images; pass a smaller --batch_size.")
-    out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
+    run_dir = Path(out)
+    if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out='{out}' is a file; pass a directory.")
-    _check_continuation(out_dir, config, stage)
-    resume_state = _agreed_resume_state(out_dir, resume_from)
+    _check_continuation(run_dir, config, stage)
+    resume_state = _agreed_resume_state(run_dir, resume_from)
     lock = None
     if dist.is_main():
         try:
-            out_dir.mkdir(parents=True, exist_ok=True)
+            run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise UserError(f"--out='{out}' cannot be created ({error.strerror}); pass a "
                             "directory you can write to.") from None
-        lock = lock_run_directory(out_dir)
-        remove_stale_temporaries(out_dir)
+        lock = lock_run_directory(run_dir)
+        remove_stale_temporaries(run_dir)
         if resume_from:
-            aside = history.rewind(out_dir, resume_from)
+            aside = history.rewind(run_dir, resume_from)
             print(f"Going back to step {resume_from}; what came after it is set aside in "
                   f"{aside}.", flush=True)
-        atomic_write_json({"stage": stage, **config.to_dict()}, out_dir / "config.json")
+        atomic_write_json({KIND_KEY: stage, **config.to_dict()}, run_dir / "config.json")
     dist.barrier()
     # The same seed on every rank: identical initial weights and one shared noise stream.
     torch.manual_seed(config.seed)
-    return PreparedRun(config, data, out_dir, resume_state, lock)
+    return PreparedRun(config, data, run_dir, resume_state, lock)
 
 
-def _agreed_resume_state(out_dir: Path, resume_from: int) -> dict | None:
+def _agreed_resume_state(run_dir: Path, resume_from: int) -> dict | None:
     """The checkpoint state to continue from (None: start afresh), the same on every rank:
     rank 0 decides from what it sees, and a rank that cannot see that checkpoint (several nodes
     without a shared --out) is sent it by rank 0 instead of starting at step 0 on its own."""
     def load() -> dict | None:
         if resume_from:
-            return history.load_kept(out_dir, resume_from)
-        path = out_dir / CHECKPOINT
+            return history.load_kept(run_dir, resume_from)
+        path = run_dir / CHECKPOINT
         return load_checkpoint(path) if path.is_file() else None
 
     if not dist.is_distributed():
@@ -114,13 +116,13 @@ def _agreed_resume_state(out_dir: Path, resume_from: int) -> dict | None:
     return state
 
 
-def lock_run_directory(out_dir: Path) -> IO:
+def lock_run_directory(run_dir: Path) -> IO:
     """An exclusive lock on the run directory (flock on OUT/.progvae.lock, which the OS releases
     when the process dies); a second writer is refused at once, naming the holder."""
     try:
-        handle = open(out_dir / LOCK, "a+")
+        handle = open(run_dir / LOCK, "a+")
     except OSError as error:
-        raise UserError(f"'{out_dir}' is not writable ({error.strerror}); pass a directory you "
+        raise UserError(f"'{run_dir}' is not writable ({error.strerror}); pass a directory you "
                         "can write to.") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -128,7 +130,7 @@ def lock_run_directory(out_dir: Path) -> IO:
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
-        raise UserError(f"'{out_dir}' is being written by {holder}; wait for that run to end "
+        raise UserError(f"'{run_dir}' is being written by {holder}; wait for that run to end "
                         "(or stop it), or pass another --out.") from None
     handle.seek(0)
     handle.truncate()
@@ -137,30 +139,30 @@ def lock_run_directory(out_dir: Path) -> IO:
     return handle
 
 
-def remove_stale_temporaries(out_dir: Path) -> None:
+def remove_stale_temporaries(run_dir: Path) -> None:
     """Temporary files an interrupted atomic write left behind (progvae.core.atomic names them
     NAME.PID.HEX.tmp); only called by the lock holder, so none of them is being written."""
-    for path in [*out_dir.glob("*.tmp"), *(out_dir / HISTORY).glob("*.tmp")]:
+    for path in [*run_dir.glob("*.tmp"), *(run_dir / HISTORY).glob("*.tmp")]:
         parts = path.name.split(".")
         if len(parts) >= 4 and parts[-3].isdigit() and len(parts[-2]) == 8:
             path.unlink(missing_ok=True)
 
 
-def _check_continuation(out_dir: Path, config: Config, stage: str) -> None:
+def _check_continuation(run_dir: Path, config: Config, stage: str) -> None:
     """A run directory that already holds a run may only be continued by the same kind of run
     with the same architecture; anything else would overwrite it."""
-    previous = out_dir / "config.json"
+    previous = run_dir / "config.json"
     if not previous.is_file():
         return
     values = json.loads(previous.read_text())
-    if values.get("stage") != stage:
-        raise UserError(f"'{out_dir}' holds a {values.get('stage')} run; pass a new --out for "
+    if recorded_kind(values) != stage:
+        raise UserError(f"'{run_dir}' holds a {recorded_kind(values)} run; pass a new --out for "
                         f"this {stage} run.")
     defaults = Config()   # a field an older run does not record had its default value
     changed = [name for name in ARCHITECTURE_FIELDS
                if values.get(name, getattr(defaults, name)) != getattr(config, name)]
     if changed:
-        raise UserError(f"'{out_dir}' holds a run with a different architecture "
+        raise UserError(f"'{run_dir}' holds a run with a different architecture "
                         f"({', '.join(changed)}); pass a new --out or the same settings.")
 
 
@@ -173,5 +175,15 @@ def load_run_config(run: str | Path) -> tuple[Path, Config]:
         raise UserError(f"'{run}' holds no {CHECKPOINT} (or config.json); train it first or pass "
                         "the --out of a run that has written a checkpoint.")
     values = json.loads((run / "config.json").read_text())
-    values.pop("stage", None)
-    return run, Config.from_dict(values, source=f"{run}/config.json")
+    return run, Config.from_dict(config_fields(values), source=f"{run}/config.json")
+
+
+def recorded_kind(values: dict) -> str | None:
+    """The kind a run's config.json or checkpoint records (under its old name too)."""
+    return values.get(KIND_KEY, values.get(OLD_KIND_KEY))
+
+
+def config_fields(values: dict) -> dict:
+    """config.json's values less the kind: the Config's fields."""
+    return {name: value for name, value in values.items()
+            if name not in (KIND_KEY, OLD_KIND_KEY)}

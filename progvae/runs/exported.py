@@ -17,6 +17,7 @@ import torch
 from progvae.core.atomic import atomic_path
 from progvae.core.config import Config
 from progvae.core.errors import UserError
+from progvae.runs.directory import config_fields
 
 SUFFIX = ".safetensors"
 FORMAT = "progvae-model"
@@ -108,7 +109,7 @@ def _network(path: Path, metadata: dict, tensors: dict, key: str, prefix: str
     if not isinstance(config, dict) or not isinstance(summary, dict):
         raise UserError(f"'{path}' has a damaged header (its config is not an object); export "
                         "the run again.")
-    config.pop("stage", None)
+    config = config_fields(config)
     weights = {name[len(prefix):]: value for name, value in tensors.items()
                if name.startswith(prefix)}
     return ExportedNetwork(kind, Config.from_dict(config, source=f"'{path}'"), step, summary,

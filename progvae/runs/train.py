@@ -4,8 +4,10 @@ train through `train_run`.
 It checks the data and the run directory, builds the kind's network, resumes from the last
 checkpoint, trains (progvae.training.trainer), evaluates the EMA weights on the whole held-out
 split with the one held-out evaluator (progvae.runs.heldout, the same numbers `evaluate`
-gives), writes `summary.json` and the image grids. A stage supplies only what is its own, as a `Recipe`: the
-objective, and where it needs them a data check, a model adjustment, extra summary keys.
+gives), writes `summary.json` and the image grids. A stage supplies only what is its own,
+as `StageParts`: the objective, and where it needs them a data check, a model adjustment,
+extra summary keys. (progvae.data.cache's `Recipe` is another thing: how a dataset's cache is
+built.)
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def _nothing(heldout: dict) -> dict:
 
 
 @dataclass
-class Recipe:
+class StageParts:
     """What a stage hands the loop besides its kind."""
 
     objective: Objective                                              # the training loss
@@ -52,39 +54,39 @@ class Recipe:
     quiet: bool = False
 
 
-def train_run(kind: RunKind, config: Config, out: str | Path, recipe: Recipe,
+def train_run(kind: RunKind, config: Config, out: str | Path, parts: StageParts,
               resume_from: int = 0) -> tuple[dict, Trainer]:
     """Train (or continue) a run of `kind` in `out`; returns its summary (also written to
     `out/summary.json`, with reconstructions.png and samples.png beside it) and the trainer,
     whose `ema_model` is the trained network. `resume_from=STEP` continues from the kept
     checkpoint of that step instead of the latest (progvae.training.history)."""
-    prepared = prepare_run(config, out, kind.name, recipe.check_data, resume_from)
+    prepared = prepare_run(config, out, kind.name, parts.check_data, resume_from)
     try:
-        return _train(kind, prepared, recipe)
+        return _train(kind, prepared, parts)
     finally:
         prepared.close()   # the run directory's lock
 
 
-def _train(kind: RunKind, prepared: PreparedRun, recipe: Recipe) -> tuple[dict, Trainer]:
-    config, data, out_dir = prepared.config, prepared.data, prepared.out_dir
+def _train(kind: RunKind, prepared: PreparedRun, parts: StageParts) -> tuple[dict, Trainer]:
+    config, data, run_dir = prepared.config, prepared.data, prepared.run_dir
     model = kind.build(config)
-    if recipe.prepare_model is not None:   # before the optimizer and DDP see the parameters
-        recipe.prepare_model(model, data)
-    trainer = Trainer(model, recipe.objective, config, data, out_dir, kind.name, recipe.quiet)
+    if parts.prepare_model is not None:   # before the optimizer and DDP see the parameters
+        parts.prepare_model(model, data)
+    trainer = Trainer(model, parts.objective, config, data, run_dir, kind.name, parts.quiet)
 
     def evaluate() -> dict:
-        scored = recipe.scored(trainer.ema_model)
+        scored = parts.scored(trainer.ema_model)
         return heldout_metrics(kind, scored, data.test, config.eval_batch_size, HELDOUT_SEED)
 
     def evaluate_periodically(step: int) -> None:
         """heldout.jsonl and TensorBoard, labelled grids in OUT/images/, curves.png."""
         trainer.log.heldout(step, evaluate())
         if dist.is_main():
-            pictures = write_images(kind, recipe.scored(trainer.ema_model), data,
-                                    out_dir / "images", config.n_grid, config.seed,
+            pictures = write_images(kind, parts.scored(trainer.ema_model), data,
+                                    run_dir / "images", config.n_grid, config.seed,
                                     labelled_step=step)
             trainer.log.images(step, pictures)
-            write_curves(out_dir)
+            write_curves(run_dir)
         dist.barrier()
 
     trainer.evaluate_periodically = evaluate_periodically
@@ -93,15 +95,15 @@ def _train(kind: RunKind, prepared: PreparedRun, recipe: Recipe) -> tuple[dict, 
         trainer.fit()
         heldout = evaluate()
         summary = flag_non_finite({**trainer.run_facts(), **summary_values(kind, heldout),
-                                   **recipe.summary(heldout)}, f"{out_dir}/summary.json")
+                                   **parts.summary(heldout)}, f"{run_dir}/summary.json")
         if dist.is_main():
-            atomic_write_json(summary, out_dir / "summary.json")
-            pictures = write_images(kind, recipe.scored(trainer.ema_model), data, out_dir,
+            atomic_write_json(summary, run_dir / "summary.json")
+            pictures = write_images(kind, parts.scored(trainer.ema_model), data, run_dir,
                                     config.n_grid, config.seed)
             if trainer.step > trainer.resumed_at:   # a finished run re-run logs nothing new
                 trainer.log.scalars("heldout", trainer.step, heldout)
                 trainer.log.images(trainer.step, pictures)
-            write_curves(out_dir, final=heldout)
+            write_curves(run_dir, final=heldout)
         dist.barrier()
     finally:
         trainer.log.close()
@@ -109,12 +111,10 @@ def _train(kind: RunKind, prepared: PreparedRun, recipe: Recipe) -> tuple[dict, 
 
 
 def summary_values(kind: RunKind, heldout: dict) -> dict:
-    """What summary.json reports of the held-out metrics: all of them (their names are those of
-    `evaluate`'s eval.json), and for kinds without a likelihood the MSE again as `distortion`."""
+    """What summary.json reports of the held-out metrics: all of them, each once, under the
+    names of `evaluate`'s eval.json (the distortion D is `mse`)."""
     values = {name: value for name, value in heldout.items() if name != "n_images"}
     values["heldout_images"] = heldout["n_images"]
-    if not kind.has_likelihood:
-        values["distortion"] = heldout["mse"]
     return values
 
 
@@ -170,8 +170,8 @@ def format_summary(summary: dict, out: str | Path, title: str = "") -> str:
     Non-finite values (None in the file, see progvae.core.atomic.flag_non_finite) print as
     nan."""
     summary = {key: float("nan") if value is None else value for key, value in summary.items()}
-    kind = KINDS[summary["stage"]]
-    lines = [f"\n{title or summary['stage']}, held-out split (EMA weights) after "
+    kind = KINDS[summary["kind"]]
+    lines = [f"\n{title or kind.name}, held-out split (EMA weights) after "
              f"{summary['steps']} steps ({summary['skipped']} skipped):"]
     if kind.composite:
         lines += [f"  ELBO {summary['elbo']:.4f} nats/dim = {summary['bpd']:.4f} bits/dim "
@@ -188,7 +188,7 @@ def format_summary(summary: dict, out: str | Path, title: str = "") -> str:
         if summary.get("constrained") in notes:   # absent from summaries of older runs
             notes[summary["constrained"]] = (f"  (target {summary['target']}, "
                                              f"{100 * summary['relative_error']:+.1f}%)")
-        lines += [f"  distortion {summary['distortion']:.5f} MSE/dim{notes['distortion']}   "
+        lines += [f"  distortion {summary['mse']:.5f} MSE/dim{notes['distortion']}   "
                   f"PSNR {summary['psnr']:.2f} dB",
                   f"  rate       {summary['rate']:.5f} nats/dim{notes['rate']}   "
                   f"multiplier {summary['multiplier']:.5g}"]

@@ -705,13 +705,14 @@ def constraint_summary(controller: Controller, rate: float, distortion: float,
 
 def constraint_warning(summary: dict) -> str | None:
     """One warning sentence for a run summary (the keys of `constraint_summary` plus "rate",
-    "distortion" and "multiplier") whose constraint was not met, else None."""
+    "mse" (the distortion) and "multiplier") whose constraint was not met, else None."""
     if summary["constraint_met"] is not False:
         return None
     quantity = summary["constrained"]
     unit = "MSE/dim" if quantity == "distortion" else "nats/dim"
+    reached = summary["mse"] if quantity == "distortion" else summary["rate"]
     return (f"WARNING: the {quantity} target {summary['target']:g} {unit} was not met: the "
-            f"held-out {quantity} is {summary[quantity]:.5g} "
+            f"held-out {quantity} is {reached:.5g} "
             f"({100 * summary['relative_error']:+.1f}%), and the multiplier "
             f"({summary['multiplier']:.4g} now) was at its limit for "
             f"{100 * summary['saturated_fraction']:.0f}% of the updates. Loosen the target, "

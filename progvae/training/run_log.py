@@ -31,8 +31,8 @@ TENSORBOARD = "tb"
 class RunLog:
     """Writes the run directory's logs (rank 0 only; every rank keeps the same window)."""
 
-    def __init__(self, out_dir: Path, tensorboard: bool = True):
-        self.out_dir = Path(out_dir)
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
+        self.run_dir = Path(run_dir)
         self.window: dict[str, float] = collections.defaultdict(float)
         self.tensorboard = tensorboard
         self.writer = None   # the TensorBoard writer, opened at the first event on rank 0
@@ -50,9 +50,9 @@ class RunLog:
         checkpoint it is resumed from, and torn lines."""
         if dist.is_main():
             for name in (METRICS_LOG, HELDOUT_LOG):
-                truncate_log(self.out_dir / name, step)
+                truncate_log(self.run_dir / name, step)
             # Events of steps after `step` were written by a process that died: hidden.
-            self.purge_from = step + 1 if (self.out_dir / TENSORBOARD).exists() else None
+            self.purge_from = step + 1 if (self.run_dir / TENSORBOARD).exists() else None
             self.started = True
         dist.barrier()
 
@@ -62,7 +62,7 @@ class RunLog:
         if self.writer is None and self.tensorboard and self.started:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.out_dir / TENSORBOARD), flush_secs=30,
+            self.writer = SummaryWriter(str(self.run_dir / TENSORBOARD), flush_secs=30,
                                         purge_step=self.purge_from)
         return self.writer
 
@@ -124,7 +124,7 @@ class RunLog:
 
     def _append(self, name: str, line: dict) -> None:
         if dist.is_main():
-            with open(self.out_dir / name, "a") as stream:
+            with open(self.run_dir / name, "a") as stream:
                 stream.write(json.dumps(line) + "\n")
 
 

@@ -63,12 +63,12 @@ class PendingValues:
 
 class Trainer:
     def __init__(self, model: nn.Module, objective: Objective, config: Config, data: ImageData,
-                 out_dir: Path, stage: str, quiet: bool = False):
+                 run_dir: Path, kind: str, quiet: bool = False):
         self.config = config
         self.objective = objective
         self.data = data
-        self.out_dir = Path(out_dir)
-        self.stage = stage
+        self.run_dir = Path(run_dir)
+        self.kind = kind
         self.quiet = quiet
         self.device = dist.default_device()
         performance.configure_backends(self.device)
@@ -115,7 +115,7 @@ class Trainer:
         self.stops: StopRequests | None = None   # the signals recorded while fit() runs
         self.stop_asked = False   # by any rank, as of the last update collected
         self.pending: list[PendingValues] = []   # updates whose metrics the host has not read
-        self.log = RunLog(self.out_dir, tensorboard=config.tensorboard)
+        self.log = RunLog(self.run_dir, tensorboard=config.tensorboard)
         self.step = 0
         self.resumed_at = 0   # the step this process started from
         self.elapsed = 0.0   # training seconds summed over every (resumed) process
@@ -130,11 +130,11 @@ class Trainer:
     # ---------------------------------------------------------------------------------------
     # checkpoints
     def checkpoint_path(self) -> Path:
-        return self.out_dir / CHECKPOINT
+        return self.run_dir / CHECKPOINT
 
     def state_dict(self) -> dict:
         return {
-            "stage": self.stage,
+            "kind": self.kind,
             "config": self.config.to_dict(),
             "step": self.step,
             **self.skips.state_dict(),
@@ -154,7 +154,7 @@ class Trainer:
         if dist.is_main():
             atomic_save(state, self.checkpoint_path())
             if self.config.keep_checkpoints > 0:
-                history.keep(self.out_dir, self.step, self.config.keep_checkpoints)
+                history.keep(self.run_dir, self.step, self.config.keep_checkpoints)
         dist.barrier()
 
     def resume(self, state: dict | None) -> bool:
@@ -176,7 +176,7 @@ class Trainer:
         self.elapsed = state.get("elapsed", 0.0)
         restore_rng_state(state["rng"])
         self.log.keep_up_to(self.step)
-        dist.print0(f"Resuming {self.stage} from step {self.step} of {self.config.steps} "
+        dist.print0(f"Resuming {self.kind} from step {self.step} of {self.config.steps} "
                     f"({self.checkpoint_path()}).")
         return True
 
@@ -288,7 +288,7 @@ class Trainer:
     def run_facts(self) -> dict:
         """What every summary.json reports about the training itself."""
         return {
-            "stage": self.stage,
+            "kind": self.kind,
             "data": self.data.name,
             "steps": self.step,
             "skipped": self.skipped,
@@ -311,7 +311,7 @@ class Trainer:
     def _fit(self, stops: StopRequests) -> None:
         config = self.config
         bar = tqdm(total=config.steps, initial=self.step, dynamic_ncols=True,
-                   desc=f"{self.stage} (batch means, live weights)",
+                   desc=f"{self.kind} (batch means, live weights)",
                    disable=self.quiet or not dist.is_main(), file=sys.stdout, mininterval=1.0)
         first_step = self.step
         fault = planned_fault()
@@ -351,7 +351,7 @@ class Trainer:
             if stop:
                 bar.close()
                 self.save_checkpoint()
-                raise TrainingInterrupted(stop, self.step, config.steps, str(self.out_dir))
+                raise TrainingInterrupted(stop, self.step, config.steps, str(self.run_dir))
         bar.close()
         if self.step > first_step:   # a finished run started again is left as it was
             self.save_checkpoint()
