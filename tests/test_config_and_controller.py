@@ -113,13 +113,3 @@ def test_non_finite_numbers_are_refused(value):
 def test_an_unknown_field_is_refused_naming_it(name):
     with pytest.raises(UserError, match="Unknown config field"):
         load_config("digits", {name: 1})
-
-
-def test_the_readme_table_of_fields_is_generated_from_their_declarations():
-    from pathlib import Path
-
-    from progvae.core.config import fields_markdown
-
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    assert fields_markdown() in readme, "regenerate it: python -c 'from progvae.core.config " \
-        "import fields_markdown; print(fields_markdown())'"

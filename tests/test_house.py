@@ -5,6 +5,8 @@ import counts, also one inside a function."""
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 # Where each installed package's source lies (pyproject's package-dir mapping).
 SOURCES = {"progvae": ROOT / "progvae", "progvae.stages": ROOT / "stages",
@@ -168,3 +170,40 @@ def test_the_python_face_exports_documented_names_and_imports_nothing_heavy():
         assert getattr(progvae.Pipeline, method).__doc__, f"Pipeline.{method} is undocumented"
     for method in ("compress", "decompress"):
         assert getattr(progvae.Codec, method).__doc__, f"Codec.{method} is undocumented"
+
+
+def test_the_generated_docs_pages_are_current():
+    """docs/configuration.md is generated from the config fields' declarations and
+    docs/results.md from docs/results/*.json: a committed page that differs is stale."""
+    from progvae.evaluation.docs_pages import pages
+
+    docs = ROOT / "docs"
+    for name, text in pages(docs).items():
+        assert (docs / name).read_text() == text, (
+            f"docs/{name} is stale; regenerate it: python -m progvae.evaluation.docs_pages")
+
+
+def test_the_readmes_python_example_runs_and_prints_what_the_readme_says(tmp_path):
+    """The README's "From Python" example, run as written in a fresh folder: it trains,
+    loads, samples, scores and codes through `import progvae` alone."""
+    import re
+    import subprocess
+    import sys
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## From Python"):]
+    example = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    result = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    printed = result.stdout.strip().splitlines()
+    promised = re.findall(r"`([^`]*\d[^`]*)`", " ".join(section[:section.index("## Commands")]
+                                                        .split()))
+    number = r"-?\d+\.?\d*"
+    assert len(printed) == 3
+    for line in printed:   # the same words, the same numbers to float noise across CPUs
+        match = [text for text in promised
+                 if re.sub(number, "#", text) == re.sub(number, "#", line)]
+        assert match, f"the README does not show the line {line!r}"
+        for got, shown in zip(re.findall(number, line), re.findall(number, match[0])):
+            assert float(got) == pytest.approx(float(shown), rel=0.02, abs=2e-3), (line, match)
