@@ -211,7 +211,7 @@ def test_every_preset_builds_with_the_right_shapes(preset):
 def test_priors_start_at_standard_normal():
     """Zero-initialised prior outputs: at init every p(z_i) is N(0, I)."""
     model, config = _model("digits")
-    decoded = model.decoder(n=2, temperature=0.0)
+    decoded = model.decoder.sample(2, temperature=0.0)
     assert all(bool((latent == 0).all()) for latent in decoded["latents"])
 
 
@@ -230,9 +230,9 @@ def test_decoding_from_the_first_k_latents():
     k = 3
     with torch.no_grad():
         latents = model(x)["latents"][:k]
-        result = model.decoder(latents=latents, temperature=0.0)
-        again = model.decoder(latents=latents, temperature=0.0)
-        sampled = model.decoder(latents=latents, temperature=1.0)
+        result = model.decoder.decode_latents(latents, temperature=0.0)
+        again = model.decoder.decode_latents(latents, temperature=0.0)
+        sampled = model.decoder.decode_latents(latents, temperature=1.0)
     for given, used in zip(latents, result["latents"][:k]):
         assert torch.equal(given, used)
     assert len(result["latents"]) == model.n_groups
@@ -267,8 +267,8 @@ def test_the_masked_coder_draws_or_fixes_the_groups_after_k(masked):
     x = torch.rand(2, 1, 16, 16) * 2 - 1
     torch.manual_seed(1)
     latents = coder.inference(x)["latents"][:1]
-    first = coder.decoder(latents=latents, temperature=coder.masked_temperature)["features"]
-    second = coder.decoder(latents=latents, temperature=coder.masked_temperature)["features"]
+    first = coder.decoder.decode_latents(latents, coder.masked_temperature)["features"]
+    second = coder.decoder.decode_latents(latents, coder.masked_temperature)["features"]
     assert torch.equal(first, second) == (masked == "mean")
 
 

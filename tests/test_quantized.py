@@ -77,7 +77,7 @@ def test_training_adds_unit_noise_and_evaluation_codes_rounded_symbols_exactly()
 def test_prior_samples_are_prior_mean_plus_integers():
     model = _model().eval()
     with torch.no_grad():
-        decoded = model.decoder(n=3)
+        decoded = model.decoder.sample(3)
         images = model.sample(3)
     for latent, (p_mean, _) in zip(decoded["latents"], decoded["priors"]):
         assert torch.allclose(latent - p_mean, torch.round(latent - p_mean), atol=1e-5)

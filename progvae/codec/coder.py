@@ -157,7 +157,8 @@ class Codec:
                 return pick
 
             with torch.no_grad():
-                features = self.network.decoder(self.network.encoder(x), latent_rule=rule)["features"]
+                features = self.network.decoder.run_with_rule(
+                    rule, encoder_activations=self.network.encoder(x))["features"]
                 decoded_tiles.append(self._pixels(features))
             for index, (symbols, scales) in enumerate(picked):
                 _encode_group(coders[index], symbols, scales)
@@ -207,7 +208,7 @@ class Codec:
                 return pick
 
             with torch.no_grad():
-                features = self.network.decoder(n=n, latent_rule=rule)["features"]
+                features = self.network.decoder.run_with_rule(rule, n=n)["features"]
                 decoded_tiles.append(self._pixels(features))
         for index in range(wanted):
             if crcs[index] != header.symbol_crcs[index]:

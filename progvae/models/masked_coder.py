@@ -51,8 +51,8 @@ class MaskedCoder(nn.Module):
         inferred = self.inference(x, noise=noise)
         latents, kl = inferred["latents"][:self.n_groups], inferred["kl"][:self.n_groups]
         rate = torch.stack(kl, dim=1).sum(1) / self.dims_per_image
-        features = self.decoder(latents=latents, temperature=self.masked_temperature,
-                                noise=noise)["features"]
+        features = self.decoder.decode_latents(latents, self.masked_temperature, noise=noise,
+                                               n=x.shape[0])["features"]
         return {"output": self.head(features), "rate": rate, "kl": kl, "latents": latents}
 
     @torch.no_grad()
@@ -63,7 +63,7 @@ class MaskedCoder(nn.Module):
     def sample(self, n: int, temperature: float = 1.0) -> torch.Tensor:
         """Mean decodings of z_{1:K} ~ p(z_{1:K}) at `temperature` (later groups as in
         training): (n, C, H, W) in [-1, 1]."""
-        latents = self.inference.decoder(n=n, temperature=temperature)["latents"]
-        features = self.decoder(latents=latents[:self.n_groups],
-                                temperature=self.masked_temperature)["features"]
+        latents = self.inference.decoder.sample(n, temperature)["latents"]
+        features = self.decoder.decode_latents(latents[:self.n_groups], self.masked_temperature,
+                                               n=n)["features"]
         return self.head.mean(self.head(features))

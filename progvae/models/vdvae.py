@@ -201,42 +201,56 @@ class Decoder(nn.Module):
         """Spatial resolution of each latent group, top (first) to bottom (last)."""
         return [block.resolution for block in self.blocks]
 
-    def forward(self, encoder_activations: dict[int, torch.Tensor] | None = None, *,
-                latents: list[torch.Tensor] | None = None, n: int | None = None,
-                temperature: float = 1.0,
+    # Four ways to run the decoder top-down, one method each (openai/vdvae names its
+    # `forward_uncond` and `forward_manual_latents`); all return {"features": (B, width, H, W),
+    # "latents": [z_i], "kl": [(B, zdim, r, r)], "posteriors": [(mean, log std)], "priors":
+    # [(mean, log std)]}: the groups' inferred posteriors (one per KL) and every group's prior.
+    # `condition` (stage two's U-Net) adds {resolution: activation} to the stream wherever a
+    # resolution starts; `noise` selects this rank's slice of the global batch's noise.
+    def forward(self, encoder_activations: dict[int, torch.Tensor],
                 condition: dict[int, torch.Tensor] | None = None,
-                noise: NoiseShard | None = None,
-                latent_rule: Callable[[int], LatentRule] | None = None) -> dict:
-        """Run the decoder top-down.
+                noise: NoiseShard | None = None) -> dict:
+        """Inference: every z_i ~ q(z_i | z_<i, x), and the KL of each group."""
+        batch = next(iter(encoder_activations.values())).shape[0]
+        return self._top_down(batch, self.encoder_terms(encoder_activations), [], 1.0,
+                              condition, noise, None)
 
-        - With `encoder_activations`: inference; every z_i ~ q(z_i | z_<i, x), and the KL of each
-          group is returned.
-        - With `latents` (a list of the first K groups): those groups are used as given and the
-          rest come from the prior, as its mean (`temperature=0`) or a sample.
-        - With neither: an unconditional sample of `n` images at `temperature`.
-        `condition` (stage two's U-Net) adds {resolution: activation} to the stream wherever a
-        resolution starts.
+    def sample(self, n: int, temperature: float = 1.0,
+               condition: dict[int, torch.Tensor] | None = None,
+               noise: NoiseShard | None = None) -> dict:
+        """An unconditional draw of n images' latents from the prior at `temperature` (its
+        mean at 0)."""
+        return self._top_down(n, None, [], temperature, condition, noise, None)
 
-        `noise` selects this rank's slice of the global batch's noise (`NoiseShard`).
-        `latent_rule(i)` (the codec's) returns the rule that picks group i's latent, with or
-        without encoder activations; it overrides the three ways above.
+    def decode_latents(self, latents: list[torch.Tensor], temperature: float = 1.0,
+                       condition: dict[int, torch.Tensor] | None = None,
+                       noise: NoiseShard | None = None, n: int | None = None) -> dict:
+        """The first K groups as given (`latents`, top first), the rest from the prior at
+        `temperature` (its mean at 0). `n` is the batch when no group is given."""
+        batch = latents[0].shape[0] if latents else n
+        if batch is None:
+            raise ValueError("decode_latents needs at least one latent group or a count n.")
+        return self._top_down(batch, None, latents, temperature, condition, noise, None)
 
-        Returns {"features": (B, width, H, W), "latents": [z_i], "kl": [(B, zdim, r, r)],
-        "posteriors": [(mean, log std)] and "priors": [(mean, log std)]}: the groups' inferred
-        posteriors (one per KL) and every group's prior, each (B, zdim, r, r).
-        """
-        given = latents or []
+    def run_with_rule(self, latent_rule: Callable[[int], LatentRule],
+                      encoder_activations: dict[int, torch.Tensor] | None = None,
+                      n: int | None = None) -> dict:
+        """The codec's pass: `latent_rule(i)` returns the rule that picks group i's latent
+        from its prior (and, encoding, its posterior mean): with `encoder_activations` when
+        encoding, with a count `n` when decoding."""
         if encoder_activations is not None:
             batch = next(iter(encoder_activations.values())).shape[0]
-        elif given:
-            batch = given[0].shape[0]
-        elif n is not None:
-            batch = n
+            terms = self.encoder_terms(encoder_activations)
         else:
-            raise ValueError("Decoder needs encoder activations, latents or a sample count n.")
+            batch, terms = n, None
+        return self._top_down(batch, terms, [], 1.0, None, None, latent_rule)
+
+    def _top_down(self, batch: int, terms: list[torch.Tensor] | None,
+                  given: list[torch.Tensor], temperature: float,
+                  condition: dict[int, torch.Tensor] | None, noise: NoiseShard | None,
+                  latent_rule: Callable[[int], LatentRule] | None) -> dict:
         streams: dict[int, torch.Tensor] = {}
-        terms = (self.encoder_terms(encoder_activations) if encoder_activations is not None
-                 else [None] * len(self.blocks))
+        terms = terms if terms is not None else [None] * len(self.blocks)
         all_latents, kls, posteriors, priors = [], [], [], []
         for index, block in enumerate(self.blocks):
             r = block.resolution
@@ -363,8 +377,11 @@ class VDVAE(nn.Module):
         (its mean at temperature 0, else a sample at `temperature`)."""
         if n is None and condition_image is not None:
             n = condition_image.shape[0]
-        decoded = self.decoder(latents=latents, n=n, temperature=temperature,
-                               condition=self._condition(condition_image))
+        condition = self._condition(condition_image)
+        if latents:
+            decoded = self.decoder.decode_latents(latents, temperature, condition)
+        else:
+            decoded = self.decoder.sample(n, temperature, condition)
         return self.head(decoded["features"])
 
     @torch.no_grad()
