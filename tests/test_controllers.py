@@ -164,7 +164,7 @@ def test_lagrangian_loss_is_the_convex_combination_of_paper_003_eq_10():
     loss.backward()
     assert loss.item() == pytest.approx(0.25 * 2.0 + 0.75 * 0.5)
     assert rate.grad.item() == pytest.approx(0.25) and distortion.grad.item() == pytest.approx(0.75)
-    assert controller.lam.grad is None
+    assert controller.multiplier_value.grad is None
 
 
 def test_rate_controller_swaps_the_roles_of_rate_and_distortion():
@@ -389,7 +389,7 @@ def test_controller_states_saved_by_earlier_versions_resume():
     dco.load_state_dict({"name": "dco", "log_lam": 2.0, "optimizer": {
         "state": {0: {"momentum_buffer": torch.tensor(0.25, dtype=torch.float64)}},
         "param_groups": [{"params": [0]}]}})
-    assert float(dco.log_lam) == 2.0 and dco.state_dict()["momentum_buffer"] == 0.25
+    assert float(dco.log_multiplier) == 2.0 and dco.state_dict()["momentum_buffer"] == 0.25
     fresh = make("dco")
     fresh.load_state_dict({"name": "dco", "log_lam": 2.0,
                            "optimizer": {"state": {}, "param_groups": [{"params": [0]}]}})

@@ -47,9 +47,9 @@ def test_two_processes_with_batch_b_match_one_process_with_batch_2b(tmp_path, ac
     assert worst < 1e-5, f"parameters differ by {worst}"
     worst_ema = max((one["ema"][k] - two["ema"][k]).abs().max().item() for k in one["ema"])
     assert worst_ema < 1e-5
-    lam_one = one["objective"]["controller"]["lam"]
-    lam_two = two["objective"]["controller"]["lam"]
-    assert lam_one != 0.5 and lam_one == pytest.approx(lam_two, abs=1e-6)
+    multiplier_one = one["objective"]["controller"]["multiplier"]
+    multiplier_two = two["objective"]["controller"]["multiplier"]
+    assert multiplier_one != 0.5 and multiplier_one == pytest.approx(multiplier_two, abs=1e-6)
     # rank 0 alone logs: each step once, in order
     steps_logged = [json.loads(line)["step"]
                     for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]

@@ -109,21 +109,21 @@ class Config:
                                            "this times the relative rate error", minimum=0)
     rate_ema: float = option(0.9, "rate: EMA of the batch rate and distortion that drive eta",
                              minimum=0, below=1)
-    geco_init: float = option(1.0, "geco: lam at step 0 (paper 004 Algorithm 1)", above=0)
-    geco_lr: float = option(1.0, "geco: log lam += geco_lr * C_ma each update (Alg. 1 "
+    geco_init: float = option(1.0, "geco: λ at step 0 (paper 004 Algorithm 1)", above=0)
+    geco_lr: float = option(1.0, "geco: log λ += geco_lr * C_ma each update (Alg. 1 "
                             "caption)", above=0)
     geco_ema: float = option(0.99, "geco: alpha of the constraint moving average (paper 004 "
                              "§4.1)", minimum=0, below=1)
-    geco_min: float = option(1e-4, "geco: lam clipped below (not in the paper; the "
+    geco_min: float = option(1e-4, "geco: λ clipped below (not in the paper; the "
                              "lagrangian's 1e-4 as odds)", above=0)
-    geco_max: float = option(1e4, "geco: lam clipped above (the lagrangian's 0.9999 as odds "
-                             "lam / (1 - lam))", above=0)
-    dco_lr: float = option(5e-3, "dco: SGD on log lam (paper 000 §4.1)", above=0)
+    geco_max: float = option(1e4, "geco: λ clipped above (the lagrangian's 0.9999 as odds "
+                             "λ / (1 - λ))", above=0)
+    dco_lr: float = option(5e-3, "dco: SGD on log λ (paper 000 §4.1)", above=0)
     dco_momentum: float = option(0.99, "dco: SGD momentum, dampening equal to it (paper 000 "
                                  "§3.1.1)", minimum=0, below=1)
-    dco_max: float = option(1e3, "dco: clip lam <= dco_max, and start there (paper 000 "
+    dco_max: float = option(1e3, "dco: clip λ <= dco_max, and start there (paper 000 "
                             "§3.1.1)", above=0)
-    hinge_weight: float = option(1.0, "hinge: fixed lam of R + lam max(D/c - 1, 0) (paper 000 "
+    hinge_weight: float = option(1.0, "hinge: fixed λ of R + λ max(D/c - 1, 0) (paper 000 "
                                  "eq. 4)", above=0)
     beta: float = option(1.0, "beta: fixed weight of D + beta R (no target)", minimum=0)
     constraint_tolerance: float = option(0.05, "summary: the target counts as met if held-out "

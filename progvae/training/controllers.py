@@ -27,15 +27,15 @@ harder. A multiplier saturated for most of a run means the target was out of rea
 
 Units: rate R in nats per dimension, distortion D as MSE per dimension on the [-1, 1] scale.
 
-Scale. The papers' objectives R + lam * (D - c) (GECO) and R + lam * (D / c - 1) (D-CO) put a
-weight of up to lam / c ~ 1e6 on D, which would turn VDVAE's absolute gradient-norm thresholds
+Scale. The papers' objectives R + λ * (D - c) (GECO) and R + λ * (D / c - 1) (D-CO) put a
+weight of up to λ / c ~ 1e6 on D, which would turn VDVAE's absolute gradient-norm thresholds
 (`grad_clip` 200, `skip_threshold` 500) into "skip every update". So every controller here
 returns its paper's objective divided by a detached positive normaliser (the sum of the weights
 on R and D, or a constant). Within a step that is one positive constant: the gradient direction
 is the paper's, and Adam, whose steps do not change when its gradients are rescaled by a
 constant (and barely when by a slowly drifting one), takes the paper's steps, while the
 gradient norm stays on the scale of the projected Lagrangian's convex combination
-(1 - lam) * R + lam * D. (Unnormalised, D-CO's first update on digits would have a gradient
+(1 - λ) * R + λ * D. (Unnormalised, D-CO's first update on digits would have a gradient
 norm of ~2e5 and be skipped, and so would every later one.)
 """
 
@@ -197,19 +197,20 @@ class Controller:
 
 
 class BoundedMultiplier(Controller):
-    """What the `lagrangian` and `rate` schemes share: a weight lam in [minimum, maximum] on
+    """What the `lagrangian` and `rate` schemes share: a weight λ in [minimum, maximum] on
     the constrained term, moved by an exponential moving average (rate `ema`) of the
     constrained quantity, and saturated at the top of that interval."""
 
-    def __init__(self, target: float, lam: float, minimum: float, maximum: float, ema: float):
+    def __init__(self, target: float, multiplier: float, minimum: float, maximum: float,
+                 ema: float):
         super().__init__(target)
         self.minimum, self.maximum, self.ema = minimum, maximum, ema
-        self.lam = torch.tensor(float(lam), dtype=torch.float64)
+        self.multiplier_value = torch.tensor(float(multiplier), dtype=torch.float64)
         self.tracked = torch.zeros((), dtype=torch.float64)   # EMA of the constrained quantity
         self.started = torch.zeros((), dtype=torch.float64)   # 1 once `tracked` holds a value
 
     def multiplier_tensor(self) -> torch.Tensor:
-        return self.lam
+        return self.multiplier_value
 
     def track(self, value: torch.Tensor) -> torch.Tensor:
         """The moving average of the constrained quantity after `value`."""
@@ -225,14 +226,15 @@ class BoundedMultiplier(Controller):
         return self.saturated() or self.multiplier <= self.minimum * (1 + 1e-6)
 
     def saturated_tensor(self) -> torch.Tensor:
-        return (self.lam >= self.maximum * (1 - 1e-9)).to(torch.float64)
+        return (self.multiplier_value >= self.maximum * (1 - 1e-9)).to(torch.float64)
 
     def extra_state(self) -> dict:
-        return {"lam": self.multiplier,
+        return {"multiplier": self.multiplier,
                 "tracked": float(self.tracked) if bool(self.started) else None}
 
     def load_extra_state(self, state: dict) -> None:
-        self.lam.fill_(state["lam"])
+        # "lam" and "log_lam": the names in checkpoints written before the rename
+        self.multiplier_value.fill_(state.get("multiplier", state.get("lam")))
         self.started.fill_(state["tracked"] is not None)
         self.tracked.fill_(state["tracked"] or 0.0)
 
@@ -240,15 +242,15 @@ class BoundedMultiplier(Controller):
 class LagrangianController(BoundedMultiplier):
     """Projected Lagrangian of paper 003 A.5 (= paper 002 B.2): distortion-targeted training.
 
-    Model objective (eq. 10): minimise (1 - lam) * R + lam * D, lam held constant (read from
+    Model objective (eq. 10): minimise (1 - λ) * R + λ * D, λ held constant (read from
     `loss_inputs`, so nothing reaches it from the model's loss).
-    Multiplier objective (eq. 11): maximise lam * (D_ema - target) by Adam with betas
+    Multiplier objective (eq. 11): maximise λ * (D_ema - target) by Adam with betas
     (0, 0.999), lr 2e-4, where D_ema is an exponential moving average (rate `distortion_ema`,
     0.99 in the paper) of the detached batch distortion, started at the first batch's value.
-    After each step lam is projected onto [multiplier_min, multiplier_max] = [1e-4, 0.9999]; it
+    After each step λ is projected onto [multiplier_min, multiplier_max] = [1e-4, 0.9999]; it
     starts at 0.9999, which weights rate by only 1e-4 at first and so mimics KL annealing.
 
-    D_ema > target raises lam (more weight on D); D_ema < target lowers it. Saturated at the top
+    D_ema > target raises λ (more weight on D); D_ema < target lowers it. Saturated at the top
     of the interval. The objective is already a convex combination, so the normaliser is 1.
     """
 
@@ -275,20 +277,21 @@ class LagrangianController(BoundedMultiplier):
         self.adam_steps = torch.zeros((), dtype=torch.float64)
 
     def loss(self, rate: torch.Tensor, distortion: torch.Tensor) -> torch.Tensor:
-        lam = self.loss_inputs[0]
-        return (1.0 - lam) * rate + lam * distortion
+        multiplier = self.loss_inputs[0]
+        return (1.0 - multiplier) * rate + multiplier * distortion
 
     def step(self, rate: torch.Tensor, distortion: torch.Tensor) -> dict[str, torch.Tensor]:
         tracked = self.track(distortion)
-        # Maximise lam * (tracked - target), i.e. descend its negative, whose gradient in lam
+        # Maximise λ * (tracked - target), i.e. descend its negative, whose gradient in λ
         # is -(tracked - target): torch's Adam step with betas (0, beta2), done on the device.
         grad = -(tracked - self.target)
         steps = self.adam_steps + 1.0
         second_moment = self.second_moment * self.beta2 + (1.0 - self.beta2) * grad * grad
         denominator = second_moment.sqrt() / (1.0 - self.beta2 ** steps).sqrt() + ADAM_EPS
-        lam = (self.lam - self.lr * grad / denominator).clamp(self.minimum, self.maximum)
+        multiplier = (self.multiplier_value - self.lr * grad / denominator).clamp(self.minimum,
+                                                                                 self.maximum)
         return {"tracked": tracked, "started": torch.ones_like(self.started),
-                "second_moment": second_moment, "adam_steps": steps, "lam": lam}
+                "second_moment": second_moment, "adam_steps": steps, "multiplier_value": multiplier}
 
     def extra_state(self) -> dict:
         return {**super().extra_state(),
@@ -368,15 +371,15 @@ class RateController(BoundedMultiplier):
     def __init__(self, target: float, init: float = 0.9999, minimum: float = 1e-4,
                  maximum: float = 0.9999, integral_gain: float = 0.1,
                  proportional_gain: float = 1.0, ema: float = 0.9):
-        eta = min(max(1.0 - init, minimum), maximum)
-        super().__init__(target, eta, minimum, maximum, ema)
+        multiplier = min(max(1.0 - init, minimum), maximum)   # the weight on rate
+        super().__init__(target, multiplier, minimum, maximum, ema)
         self.integral_gain, self.proportional_gain = integral_gain, proportional_gain
         self.integral = torch.zeros((), dtype=torch.float64)              # I
         self.distortion_tracked = torch.zeros((), dtype=torch.float64)    # D_ema; 0: none yet
 
     def loss(self, rate: torch.Tensor, distortion: torch.Tensor) -> torch.Tensor:
-        eta = self.loss_inputs[0]
-        return (1.0 - eta) * distortion + eta * rate
+        multiplier = self.loss_inputs[0]
+        return (1.0 - multiplier) * distortion + multiplier * rate
 
     def step(self, rate: torch.Tensor, distortion: torch.Tensor) -> dict[str, torch.Tensor]:
         tracked = self.track(rate)
@@ -385,14 +388,15 @@ class RateController(BoundedMultiplier):
                                                  ).clamp(min=self.SMALLEST_DISTORTION)
         log_distortion = torch.log(distortion_tracked)
         error = (tracked - self.target) / self.target
-        integral = torch.where(fresh, torch.logit(self.lam) - log_distortion, self.integral)
+        integral = torch.where(fresh, torch.logit(self.multiplier_value) - log_distortion,
+                               self.integral)
         low = math.log(self.minimum / (1.0 - self.minimum)) - log_distortion
         high = math.log(self.maximum / (1.0 - self.maximum)) - log_distortion
         integral = torch.minimum(torch.maximum(integral + self.integral_gain * error, low), high)
-        lam = torch.sigmoid(integral + self.proportional_gain * error + log_distortion)
+        multiplier = torch.sigmoid(integral + self.proportional_gain * error + log_distortion)
         return {"tracked": tracked, "started": torch.ones_like(self.started),
                 "distortion_tracked": distortion_tracked, "integral": integral,
-                "lam": lam.clamp(self.minimum, self.maximum)}
+                "multiplier_value": multiplier.clamp(self.minimum, self.maximum)}
 
     def extra_state(self) -> dict:
         return {**super().extra_state(), "integral": float(self.integral),
@@ -410,22 +414,22 @@ class GECOController(Controller):
     """GECO, paper 004 §3.4 and Algorithm 1, with the reconstruction-error constraint
     C = D - target (Table 1, RE, with kappa^2 = target).
 
-    Model objective (eq. 2): minimise R + lam * C^t, lam constant. C^t is Algorithm 1's
+    Model objective (eq. 2): minimise R + λ * C^t, λ constant. C^t is Algorithm 1's
     stop-gradient construction C^t = C_hat + StopGradient(C_ma - C_hat): its value is the
     moving average C_ma of the constraint, its gradient that of this batch's C_hat = D - target
     (the moving average is never backpropagated through). C_ma starts at the first batch's
     C_hat and then follows C_ma <- alpha * C_ma + (1 - alpha) * C_hat with alpha = `geco_ema`
     (0.99, paper 004 §4.1); C_hat enters it detached.
-    Multiplier step: log lam <- log lam + geco_lr * C_ma (Algorithm 1: Delta log lam ∝ C^t,
-    whose value is C_ma; the caption writes lam <- lam * exp(C^t) up to a factor), so lam
+    Multiplier step: log λ <- log λ + geco_lr * C_ma (Algorithm 1: Delta log λ ∝ C^t,
+    whose value is C_ma; the caption writes λ <- λ * exp(C^t) up to a factor), so λ
     stays positive, grows while the average distortion is above the target and shrinks below.
-    lam starts at 1 (Algorithm 1). The paper leaves lam unbounded; here it is clipped to
+    λ starts at 1 (Algorithm 1). The paper leaves λ unbounded; here it is clipped to
     [geco_min, geco_max] so that an unreachable target saturates instead of overflowing.
 
-    `loss` returns eq. 2 divided by the detached 1 + lam (module docstring), i.e. the convex
-    combination (R + lam * C^t) / (1 + lam): GECO's lam is the odds lam_A5 / (1 - lam_A5) of the
+    `loss` returns eq. 2 divided by the detached 1 + λ (module docstring), i.e. the convex
+    combination (R + λ * C^t) / (1 + λ): GECO's λ is the odds λ_A5 / (1 - λ_A5) of the
     projected Lagrangian's weight. `loss` computes this batch's C_ma without storing it;
-    `update`, called with the same batch's values, stores it and steps lam.
+    `update`, called with the same batch's values, stores it and steps λ.
     """
 
     name = "geco"
@@ -447,13 +451,13 @@ class GECOController(Controller):
         super().__init__(target)
         self.lr, self.ema = lr, ema
         self.log_min, self.log_max = math.log(minimum), math.log(maximum)
-        self.log_lam = torch.tensor(min(max(math.log(init), self.log_min), self.log_max),
+        self.log_multiplier = torch.tensor(min(max(math.log(init), self.log_min), self.log_max),
                                     dtype=torch.float64)
         self.average = torch.zeros((), dtype=torch.float64)   # C_ma of Algorithm 1
         self.started = torch.zeros((), dtype=torch.float64)   # 1 once C_ma holds a value
 
     def multiplier_tensor(self) -> torch.Tensor:
-        return self.log_lam.exp()
+        return self.log_multiplier.exp()
 
     @property
     def constraint_average(self) -> float | None:
@@ -461,38 +465,39 @@ class GECOController(Controller):
         return float(self.average) if bool(self.started) else None
 
     def input_tensors(self) -> list[torch.Tensor]:
-        """lam, C_ma (0 before the first update) and whether C_ma has started (1 or 0)."""
+        """λ, C_ma (0 before the first update) and whether C_ma has started (1 or 0)."""
         return [self.multiplier_tensor(), self.average, self.started]
 
     def loss(self, rate: torch.Tensor, distortion: torch.Tensor) -> torch.Tensor:
-        lam, previous, started = self.loss_inputs.unbind()
+        multiplier, previous, started = self.loss_inputs.unbind()
         batch_constraint = distortion - self.target                      # C_hat, differentiable
         detached = batch_constraint.detach()
         # C_ma, a constant: the first batch's C_hat, then the moving average (`step`)
         average = started * (self.ema * previous + (1.0 - self.ema) * detached) \
             + (1.0 - started) * detached
         constraint = batch_constraint + (average - detached)             # C^t
-        return (rate + lam * constraint) / (1.0 + lam)
+        return (rate + multiplier * constraint) / (1.0 + multiplier)
 
     def step(self, rate: torch.Tensor, distortion: torch.Tensor) -> dict[str, torch.Tensor]:
         constraint = distortion - self.target
         average = torch.where(self.started > 0,
                               self.ema * self.average + (1.0 - self.ema) * constraint, constraint)
-        log_lam = (self.log_lam + self.lr * average).clamp(self.log_min, self.log_max)
+        log_multiplier = (self.log_multiplier + self.lr * average).clamp(self.log_min, self.log_max)
         return {"average": average, "started": torch.ones_like(self.started),
-                "log_lam": log_lam}
+                "log_multiplier": log_multiplier}
 
     def at_bound(self) -> bool:
-        return self.saturated() or float(self.log_lam) <= self.log_min
+        return self.saturated() or float(self.log_multiplier) <= self.log_min
 
     def saturated_tensor(self) -> torch.Tensor:
-        return (self.log_lam >= self.log_max).to(torch.float64)
+        return (self.log_multiplier >= self.log_max).to(torch.float64)
 
     def extra_state(self) -> dict:
-        return {"log_lam": float(self.log_lam), "constraint_average": self.constraint_average}
+        return {"log_multiplier": float(self.log_multiplier),
+                "constraint_average": self.constraint_average}
 
     def load_extra_state(self, state: dict) -> None:
-        self.log_lam.fill_(state["log_lam"])
+        self.log_multiplier.fill_(state.get("log_multiplier", state.get("log_lam")))
         self.started.fill_(state["constraint_average"] is not None)
         self.average.fill_(state["constraint_average"] or 0.0)
 
@@ -500,16 +505,16 @@ class GECOController(Controller):
 class DCOController(Controller):
     """D-CO, paper 000 §3.1 eq. 3 and §3.1.1: the constraint normalised by its target.
 
-    Model objective (eq. 3): minimise R + lam * (D / c - 1), lam constant, c = target.
-    Multiplier: mu = log lam, updated by SGD (torch's rule) with momentum 0.99 and dampening
+    Model objective (eq. 3): minimise R + λ * (D / c - 1), λ constant, c = target.
+    Multiplier: mu = log λ, updated by SGD (torch's rule) with momentum 0.99 and dampening
     equal to the momentum, lr 5e-3 (§4.1), to *maximise* eq. 3 — but along D / c - 1 rather
-    than its true gradient (D / c - 1) * lam (§3.1.1): SGD is handed -(D / c - 1) to descend,
+    than its true gradient (D / c - 1) * λ (§3.1.1): SGD is handed -(D / c - 1) to descend,
     with D the detached batch distortion. The momentum buffer starts at the first such value and then
     averages them, so a long stretch above a strict target delays the drop (paper 000 Fig. 3).
-    mu is clipped so that lam <= 1e3, and starts at the clip (§3.1.1); it has no lower limit.
+    mu is clipped so that λ <= 1e3, and starts at the clip (§3.1.1); it has no lower limit.
     Saturated at the clip.
 
-    `loss` returns eq. 3 divided by the detached 1 + lam / c, the sum of its weights on R and D
+    `loss` returns eq. 3 divided by the detached 1 + λ / c, the sum of its weights on R and D
     (module docstring).
     """
 
@@ -529,16 +534,17 @@ class DCOController(Controller):
         super().__init__(target)
         self.lr, self.momentum = lr, momentum
         self.log_max = math.log(maximum)
-        self.log_lam = torch.tensor(self.log_max, dtype=torch.float64)
+        self.log_multiplier = torch.tensor(self.log_max, dtype=torch.float64)
         self.momentum_buffer = torch.zeros((), dtype=torch.float64)
         self.started = torch.zeros((), dtype=torch.float64)   # 1 once the buffer holds a value
 
     def multiplier_tensor(self) -> torch.Tensor:
-        return self.log_lam.exp()
+        return self.log_multiplier.exp()
 
     def loss(self, rate: torch.Tensor, distortion: torch.Tensor) -> torch.Tensor:
-        lam = self.loss_inputs[0]
-        return (rate + lam * (distortion / self.target - 1.0)) / (1.0 + lam / self.target)
+        multiplier = self.loss_inputs[0]
+        return ((rate + multiplier * (distortion / self.target - 1.0))
+                / (1.0 + multiplier / self.target))
 
     def step(self, rate: torch.Tensor, distortion: torch.Tensor) -> dict[str, torch.Tensor]:
         # Ascent on mu along (D / c - 1): torch's SGD step (momentum, dampening = momentum)
@@ -547,22 +553,22 @@ class DCOController(Controller):
         buffer = torch.where(self.started > 0,
                              self.momentum * self.momentum_buffer + (1.0 - self.momentum) * grad,
                              grad)
-        log_lam = (self.log_lam - self.lr * buffer).clamp(max=self.log_max)
+        log_multiplier = (self.log_multiplier - self.lr * buffer).clamp(max=self.log_max)
         return {"momentum_buffer": buffer, "started": torch.ones_like(self.started),
-                "log_lam": log_lam}
+                "log_multiplier": log_multiplier}
 
     def at_bound(self) -> bool:
         return self.saturated()
 
     def saturated_tensor(self) -> torch.Tensor:
-        return (self.log_lam >= self.log_max - 1e-12).to(torch.float64)
+        return (self.log_multiplier >= self.log_max - 1e-12).to(torch.float64)
 
     def extra_state(self) -> dict:
-        return {"log_lam": float(self.log_lam),
+        return {"log_multiplier": float(self.log_multiplier),
                 "momentum_buffer": float(self.momentum_buffer) if bool(self.started) else None}
 
     def load_extra_state(self, state: dict) -> None:
-        self.log_lam.fill_(state["log_lam"])
+        self.log_multiplier.fill_(state.get("log_multiplier", state.get("log_lam")))
         buffer = state.get("momentum_buffer")
         if "optimizer" in state:   # written by torch.optim.SGD: earlier versions
             saved = next(iter(state["optimizer"].get("state", {}).values()), {})
@@ -573,11 +579,11 @@ class DCOController(Controller):
 
 
 class HingeController(Controller):
-    """D-hinge, paper 000 eq. 4: minimise R + lam * max(D / c - 1, 0) with lam fixed.
+    """D-hinge, paper 000 eq. 4: minimise R + λ * max(D / c - 1, 0) with λ fixed.
 
     No multiplier update: below the target D gets no gradient at all and the model trades
-    distortion for rate freely until D crosses c again. lam is `hinge_weight` (the paper tries
-    0.01 to 100). `loss` divides by the constant 1 + lam / c (module docstring).
+    distortion for rate freely until D crosses c again. λ is `hinge_weight` (the paper tries
+    0.01 to 100). `loss` divides by the constant 1 + λ / c (module docstring).
     """
 
     name = "hinge"
