@@ -15,16 +15,18 @@ been run, eval.json (which wins where both describe the same step). It writes OU
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 
 from progvae.core.atomic import atomic_path, atomic_write_json, atomic_write_text, writable_output
 from progvae.core.errors import UserError
+from progvae.core.untrusted import check_numbers, read_json
+from progvae.evaluation.metrics.evaluate import EVAL_NUMBERS
 from progvae.runs.curves import write_curves
 from progvae.runs.directory import recorded_kind
 from progvae.runs.kinds import KINDS
+from progvae.runs.load import run_summary
 
 IMAGES = ("samples.png", "reconstructions.png", "rd.png", "multipliers.png")
 EXPERIMENT = "progressive experiment"   # a folder of the progressive experiment, not a run
@@ -34,15 +36,16 @@ def read_run(path: Path) -> dict:
     """What the report shows of one run directory (or progressive-experiment folder)."""
     if (path / "table.json").is_file() and not (path / "config.json").is_file():
         return {"path": path, "kind": EXPERIMENT,
-                "table": json.loads((path / "table.json").read_text()),
+                "table": read_json(path / "table.json"),
                 "table_md": (path / "table.md").read_text() if (path / "table.md").is_file()
                 else ""}
     if not (path / "config.json").is_file():
         raise UserError(f"'{path}' holds no config.json (nor a progressive table.json); pass "
                         "run directories written by progvae.")
-    config = json.loads((path / "config.json").read_text())
-    summary = _read_json(path / "summary.json")
-    evaluated = _read_json(path / "eval.json")
+    config = read_json(path / "config.json")
+    summary = run_summary(path)
+    evaluated = (check_numbers(read_json(path / "eval.json"), EVAL_NUMBERS,
+                               str(path / "eval.json")) if (path / "eval.json").is_file() else {})
     values = dict(summary)
     if evaluated and evaluated.get("step") == summary.get("steps", evaluated.get("step")):
         values.update(evaluated)
@@ -58,10 +61,6 @@ def _role(run: dict) -> str | None:
 def _label(run: dict) -> str:
     kind = KINDS.get(run["kind"])
     return kind.label if kind else run["kind"]
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _number(value, digits: int = 4) -> str:
@@ -211,7 +210,7 @@ def lpips_against_mse(sweep: Path, lpips_weights: str = "") -> list[dict]:
             reconstructed, _ = reconstructions(info["kind"], model, data.test,
                                                config.eval_batch_size)
         originals = to_model_input(torch.from_numpy(data.test))
-        summary = _read_json(run_dir / "summary.json")
+        summary = run_summary(run_dir)
         rows.append({"run": run_dir.name, "target": summary.get("target"),
                      "mse": float((reconstructed - originals).pow(2).mean()),
                      "lpips": mean_lpips(scorer, originals, reconstructed,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 
 from progvae.core.config import Config, apply_overrides, load_config
 from progvae.core.errors import UserError
+from progvae.core.untrusted import read_json
 from progvae.data.loading import ImageData
 from progvae.models.distributions import NoiseShard
 from progvae.models.pipeline import Pipeline, composite_terms
@@ -81,7 +81,7 @@ def check_same_stage1(out: str | Path, provenance: dict) -> None:
     previous = Path(out) / "config.json" if out else None
     if previous is None or not previous.is_file():
         return
-    recorded = json.loads(previous.read_text())
+    recorded = read_json(previous, fix="restore it, or pass a new --out")
     if recorded.get("stage1_sha256") and recorded["stage1_sha256"] != provenance["stage1_sha256"]:
         raise UserError(
             f"The stage-one run changed since '{out}' started on it (its checkpoint was at step "
@@ -91,7 +91,7 @@ def check_same_stage1(out: str | Path, provenance: dict) -> None:
 
 def warn_if_stage1_missed_its_target(run: str | Path) -> None:
     summary = run_summary(run)
-    if not summary or not dist.is_main():
+    if summary.get("constraint_met") is not False or not dist.is_main():
         return
     warning = constraint_warning(summary)
     if warning:

@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -155,7 +156,10 @@ CASES = [
     ("data: no --data", ["data"], "--data"),
     ("bench: the GPU suite without a GPU", ["bench", "--suite=gpu", "--out={tmp}/g.json"],
      "needs a CUDA GPU"),
-    ("bench: unknown suite", ["bench", "--suite=nosuch", "--out={tmp}/g.json"], "--suite"),
+    ("bench: unknown suite", ["bench", "--suite=nosuch", "--out={tmp}/g.json"],
+     "one of step, gpu, codec"),
+    ("a stray word where a number goes", ["sample", "stray", "--run={run}", "--out={tmp}/s.png"],
+     "Unexpected argument 'stray'"),
     ("bench: unknown model", ["bench", "--model=nosuch", "--out={tmp}/b.json"], "nosuch"),
 ]
 
@@ -266,6 +270,91 @@ def test_bad_input_is_one_sentence_exit_2_and_changes_nothing(scratch, what, arg
     assert needle in message, message
     assert not changed
     assert not (tmp / "ran").exists()          # a planted payload never runs
+
+
+# Files progvae wrote earlier and reads back, damaged one at a time in a copy of a finished
+# run: every command that reads the file says so in one sentence (exit 2, no traceback, the
+# copy unchanged) or, where the file is optional, carries on (exit 0).
+DAMAGES = {
+    "missing": None,
+    "empty": b"",
+    "truncated": lambda original: original[:len(original) // 2],
+    "not UTF-8": b"\xff\xfe\x00{\x80",
+    "wrong type": b"[1, 2, 3]\n",
+    "hand-edited": "hand-edited",   # a field of the wrong type, per file below
+}
+HAND_EDITS = {"config.json": ("width", "wide"), "summary.json": ("mse", "low"),
+              "eval.json": ("elbo", "high"), "metrics.jsonl": ("step", "first")}
+# (file, command with {run} = the damaged copy and {tmp} = a scratch folder, damages after
+# which the command may carry on)
+READERS = [
+    ("config.json", ["sample", "--run={run}", "--out={tmp}/s.png", "--n=4"], ()),
+    ("config.json", ["evaluate", "--run={run}", "--metrics=mse"], ()),
+    ("config.json", ["export", "--run={run}", "--out={tmp}/m.safetensors"], ()),
+    ("config.json", ["plot", "--run={run}", "--out={tmp}/c.png"], ("missing", "hand-edited")),
+    ("config.json", ["report", "--runs={run}", "--out={tmp}/report"], ("hand-edited",)),
+    ("config.json", ["stage2", "--stage1={run}", "--out={tmp}/s2", *QUICK], ()),
+    ("config.json", [*STAGE1, "--out={run}"], ("missing",)),
+    ("summary.json", ["plot", "--run={run}", "--out={tmp}/c.png"], ("missing",)),
+    ("summary.json", ["report", "--runs={run}", "--out={tmp}/report"], ("missing",)),
+    ("summary.json", ["export", "--run={run}", "--out={tmp}/m.safetensors"], ("missing",)),
+    ("summary.json", ["stage2", "--stage1={run}", "--out={tmp}/s2", *QUICK], ("missing",)),
+    ("metrics.jsonl", ["plot", "--run={run}", "--out={tmp}/c.png"],
+     ("empty", "truncated", "not UTF-8", "wrong type", "hand-edited")),
+    ("eval.json", ["evaluate", "--run={run}", "--metrics=mse"], ("missing",)),
+    ("eval.json", ["report", "--runs={run}", "--out={tmp}/report"], ("missing",)),
+]
+DAMAGED = [(file, how, argv, how in optional) for file, argv, optional in READERS
+           for how in DAMAGES]
+
+
+def damage(run: Path, file: str, how: str) -> None:
+    path = run / file
+    if how == "missing":
+        path.unlink()
+    elif how == "hand-edited":
+        field, value = HAND_EDITS[file]
+        if file.endswith(".jsonl"):
+            lines = [json.loads(line) for line in path.read_text().splitlines()]
+            path.write_text("".join(json.dumps({**line, field: value}) + "\n" for line in lines))
+        else:
+            path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
+    else:
+        change = DAMAGES[how]
+        path.write_bytes(change(path.read_bytes()) if callable(change) else change)
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(scratch, tmp_path_factory) -> Path:
+    """The finished stage-one run with an eval.json, the original every damaged copy starts
+    from."""
+    run, _ = scratch
+    original = tmp_path_factory.mktemp("evaluated") / "run"
+    shutil.copytree(run, original)
+    with contextlib.redirect_stdout(io.StringIO()):
+        main(["evaluate", f"--run={original}", "--metrics=mse"])
+    return original
+
+
+@pytest.mark.parametrize("file, how, argv, may_carry_on", DAMAGED,
+                         ids=[f"{file} {how}: {argv[0]}" for file, how, argv, _ in DAMAGED])
+def test_a_damaged_file_of_a_run_is_one_sentence_naming_it(evaluated_run, tmp_path, file, how,
+                                                           argv, may_carry_on):
+    run = tmp_path / "run"
+    shutil.copytree(evaluated_run, run)
+    damage(run, file, how)
+    before = snapshot(run)
+    (tmp_path / "scratch").mkdir()
+    code, message, _ = run_case(argv, run, tmp_path / "scratch")
+    assert "Traceback" not in message, message
+    if code == 0:
+        assert may_carry_on, f"carried on with a {how} {file}"
+        return
+    assert code == 2, message
+    message = message[message.find("progvae: error:"):]
+    assert message.startswith("progvae: error:") and "\n" not in message, message
+    assert file in message or how == "missing", message
+    assert snapshot(run) == before
 
 
 def test_non_finite_results_are_flagged_and_written_as_valid_json(tmp_path, capsys):

@@ -21,7 +21,6 @@ the distortion-constrained controllers, rate targets for `rate`, and beta for `b
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import time
@@ -33,10 +32,11 @@ import torch
 from progvae.core.atomic import atomic_path, atomic_write_json
 from progvae.core.config import Config
 from progvae.core.errors import UserError
+from progvae.core.untrusted import read_json, read_json_lines
 from progvae.data.images import save_rows
 from progvae.data.loading import load_data_for, to_model_input, to_uint8_images
 from progvae.runs.heldout import seeded
-from progvae.runs.load import load_model
+from progvae.runs.load import load_model, run_summary
 from progvae.stages.stage1 import train_stage1
 from progvae.training import dist
 from progvae.training.controllers import (CONTROLLERS, TARGET_FIELDS, build_controller,
@@ -119,20 +119,17 @@ def run_sweep(config: Config, targets: list[float], out: str | Path, quiet: bool
 
 def _finished(run_dir: Path, config: Config) -> bool:
     summary = run_dir / "summary.json"
-    return summary.is_file() and json.loads(summary.read_text())["steps"] >= config.steps
+    return summary.is_file() and read_json(summary, {"steps": int})["steps"] >= config.steps
 
 
 def _read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_json_lines(run_dir / "metrics.jsonl")
 
 
 def _run_row(out: Path, target: float) -> dict:
     """One target's line of rd.json, from its summary.json and metrics.jsonl."""
     run_dir = run_directory(out, target)
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = run_summary(run_dir)
     quantity = summary.get("constrained")
     reached_at = settled_at = None
     if quantity is not None:

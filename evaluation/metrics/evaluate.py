@@ -18,7 +18,6 @@ split; LPIPS covers the whole split. Weights that cannot be found fail before an
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 
 from progvae.core.atomic import atomic_write_json, flag_non_finite
 from progvae.core.errors import UserError
+from progvae.core.untrusted import check_numbers, read_json
 from progvae.data.loading import device_batch, load_data_for, to_model_input
 from progvae.evaluation.metrics.elbo import importance_weighted_metrics
 from progvae.runs.exported import is_exported
@@ -189,12 +189,18 @@ def eval_path(run: str | Path) -> Path:
     return run.with_suffix(".eval.json") if is_exported(run) else run / "eval.json"
 
 
+# eval.json's numbers that are read back (merged by a later `evaluate`, shown by `report`)
+EVAL_NUMBERS = ("step", "elbo", "bpd", "mse", "psnr", "rate", "fid", "fid_digits", "lpips",
+                "iw_elbo", "iw_bpd")
+
+
 def write_eval(path: Path, result: dict) -> None:
     """Merge into eval.json when it describes the same checkpoint, data and split (so separate
     calls for different metrics add up); otherwise replace it."""
     merged = dict(result)
     if path.is_file():
-        previous = json.loads(path.read_text())
+        fix = "remove it (evaluate then writes a new one) or restore it"
+        previous = check_numbers(read_json(path, fix=fix), EVAL_NUMBERS, str(path), fix)
         if all(previous.get(key) == result[key] for key in ("step", "data", "split")):
             names = list(dict.fromkeys(previous.get("metrics", []) + result["metrics"]))
             merged = {**previous, **result, "metrics": names}

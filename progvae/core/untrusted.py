@@ -4,6 +4,7 @@ naming it (a UserError), never a traceback."""
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -50,3 +51,96 @@ def load_checkpoint(path: Path) -> dict:
         raise UserError(f"'{path}' does not hold a progvae checkpoint; pass the --out of a "
                         "progvae run.")
     return state
+
+
+MAX_JSON_BYTES = 64 << 20   # a run's JSON files are kilobytes; a larger one is not progvae's
+RESTORE = "restore it (or run the command that writes it again), or pass another run"
+
+
+def read_json(path: str | Path, fields: dict[str, type | tuple[type, ...]] | None = None,
+              fix: str = RESTORE) -> dict:
+    """The JSON object in `path`, a file progvae wrote earlier (config.json, summary.json,
+    eval.json, table.json, a manifest). A file that is missing, empty, larger than
+    MAX_JSON_BYTES, not UTF-8, cut short, not JSON, not an object, or whose `fields` (name:
+    type) are absent or of another type, is one sentence naming the file and `fix`."""
+    path = Path(path)
+    where = f"'{path}'"
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise UserError(f"{where} is {size:,} bytes, far larger than any file progvae "
+                            f"writes; {fix}.")
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{where} is missing; {fix}.") from None
+    except IsADirectoryError:
+        raise UserError(f"{where} is a folder, not a file; {fix}.") from None
+    except OSError as error:
+        raise UserError(f"{where} cannot be read ({error.strerror}); {fix}.") from None
+    if not raw.strip():
+        raise UserError(f"{where} is empty; {fix}.")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{where} is not UTF-8 text; {fix}.") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        cut = " (it ends early: cut short?)" if error.pos >= len(text.rstrip()) else ""
+        raise UserError(f"{where} is not valid JSON at line {error.lineno}, column "
+                        f"{error.colno}{cut}; {fix}.") from None
+    except RecursionError:
+        raise UserError(f"{where} nests too deeply to be progvae's; {fix}.") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{where} holds a JSON {_json_type(value)} where progvae writes an "
+                        f"object; {fix}.")
+    for name, kind in (fields or {}).items():
+        if name not in value:
+            raise UserError(f"{where} has no \"{name}\"; {fix}.")
+        if not isinstance(value[name], kind) or isinstance(value[name], bool) and bool not in (
+                kind if isinstance(kind, tuple) else (kind,)):
+            raise UserError(f"{where} holds a {_json_type(value[name])} as \"{name}\" where "
+                            f"progvae writes a {_json_type_name(kind)}; {fix}.")
+    return value
+
+
+def read_json_lines(path: str | Path) -> list[dict]:
+    """The readable lines of a .jsonl log that have a "step" (metrics.jsonl, heldout.jsonl): a
+    torn, hand-edited or non-UTF-8 line is skipped, and a missing log has none."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return []
+    lines = []
+    for text in raw.split(b"\n"):
+        try:
+            line = json.loads(text.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            continue
+        if isinstance(line, dict) and isinstance(line.get("step"), int):
+            lines.append(line)
+    return lines
+
+
+def _json_type(value) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "true/false",
+            type(None): "null"}.get(type(value), "number")
+
+
+def _json_type_name(kind) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {dict: "object", list: "list", str: "string", bool: "true/false", int: "number",
+             float: "number"}
+    return " or ".join(dict.fromkeys(names.get(k, k.__name__) for k in kinds))
+
+
+def check_numbers(values: dict, names: tuple[str, ...], where: str, fix: str = RESTORE) -> dict:
+    """`values` (read from the file `where`) with each of `names` that it holds a number or
+    null, as progvae writes them; anything else is one sentence naming the field."""
+    for name in names:
+        value = values.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise UserError(f"'{where}' holds a {_json_type(value)} as \"{name}\" where progvae "
+                            f"writes a number; {fix}.")
+    return values

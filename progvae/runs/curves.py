@@ -7,28 +7,14 @@ Training rewrites it at each held-out evaluation and at the end; `python -m prog
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from progvae.core.atomic import atomic_path, writable_output
 from progvae.core.errors import UserError
+from progvae.core.untrusted import read_json, read_json_lines
 from progvae.runs.directory import recorded_kind
 
 CURVES = "curves.png"
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The readable lines of a .jsonl log (a torn last line is skipped)."""
-    lines = []
-    if path.is_file():
-        for text in path.read_text().splitlines():
-            try:
-                line = json.loads(text)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(line, dict) and "step" in line:
-                lines.append(line)
-    return lines
 
 
 def _panels(config: dict, train: list[dict], heldout: list[dict]) -> list[dict]:
@@ -67,14 +53,16 @@ def write_curves(run: str | Path, out: str | Path | None = None,
     if not (run / "metrics.jsonl").is_file():
         raise UserError(f"'{run}' has no metrics.jsonl; pass the --out of a training run.")
     config_path = run / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    train = read_jsonl(run / "metrics.jsonl")
-    heldout = read_jsonl(run / "heldout.jsonl")
+    config = read_json(config_path) if config_path.is_file() else {}
+    train = read_json_lines(run / "metrics.jsonl")
+    heldout = read_json_lines(run / "heldout.jsonl")
     if final is not None and train:
         heldout = heldout + [{"step": train[-1]["step"], **final}]
     panels = _panels(config, train, heldout)
     if not panels:
-        raise UserError(f"'{run}' has logged nothing to plot yet; run it for log_every steps.")
+        raise UserError(f"'{run / 'metrics.jsonl'}' holds no readable line with a step yet: a run "
+                        "logs one every log_every steps (if it had, the file is damaged; "
+                        "restore it).")
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
     figure = Figure(figsize=(4.2 * columns, 3.0 * rows))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import json
 import os
 import socket
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ import torch
 from progvae.core.atomic import atomic_write_json
 from progvae.core.config import ARCHITECTURE_FIELDS, Config
 from progvae.core.errors import UserError
-from progvae.core.untrusted import load_checkpoint
+from progvae.core.untrusted import load_checkpoint, read_json
 from progvae.data.loading import ImageData, load_data_for
 from progvae.training import dist, history
 from progvae.training.checkpoint import CHECKPOINT
@@ -154,13 +153,15 @@ def _check_continuation(run_dir: Path, config: Config, stage: str) -> None:
     previous = run_dir / "config.json"
     if not previous.is_file():
         return
-    values = json.loads(previous.read_text())
+    values = read_json(previous, fix="restore it, or pass a new --out")
     if recorded_kind(values) != stage:
         raise UserError(f"'{run_dir}' holds a {recorded_kind(values)} run; pass a new --out for "
                         f"this {stage} run.")
-    defaults = Config()   # a field an older run does not record had its default value
+    # Read as a Config (a field an older run does not record has its default value), so a
+    # hand-edited field is refused naming the file.
+    recorded = Config.from_dict(config_fields(values), source=str(previous))
     changed = [name for name in ARCHITECTURE_FIELDS
-               if values.get(name, getattr(defaults, name)) != getattr(config, name)]
+               if getattr(recorded, name) != getattr(config, name)]
     if changed:
         raise UserError(f"'{run_dir}' holds a run with a different architecture "
                         f"({', '.join(changed)}); pass a new --out or the same settings.")
@@ -174,7 +175,7 @@ def load_run_config(run: str | Path) -> tuple[Path, Config]:
     if not (run / "config.json").is_file() or not (run / CHECKPOINT).is_file():
         raise UserError(f"'{run}' holds no {CHECKPOINT} (or config.json); train it first or pass "
                         "the --out of a run that has written a checkpoint.")
-    values = json.loads((run / "config.json").read_text())
+    values = read_json(run / "config.json")
     return run, Config.from_dict(config_fields(values), source=f"{run}/config.json")
 
 

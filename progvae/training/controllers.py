@@ -41,7 +41,6 @@ norm of ~2e5 and be skipped, and so would every later one.)
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -49,6 +48,7 @@ import torch
 
 from progvae.core.config import Config
 from progvae.core.errors import UserError
+from progvae.core.untrusted import read_json
 
 SATURATED_MAJORITY = 0.5  # saturated for more than this fraction of the updates: target missed
 ADAM_EPS = 1e-8           # the multiplier's Adam (torch's default)
@@ -679,7 +679,8 @@ def check_same_controller(out: str | Path, config: Config) -> None:
     previous = Path(out) / "config.json" if out else None
     if previous is None or not previous.is_file():
         return
-    name = json.loads(previous.read_text()).get("controller", config.controller)
+    name = read_json(previous, fix="restore it, or pass a new --out").get("controller",
+                                                                          config.controller)
     if name != config.controller:
         raise UserError(f"'{out}' holds a run trained with --controller={name}; pass "
                         f"--controller={name} to continue it, or a new --out.")

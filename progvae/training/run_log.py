@@ -134,12 +134,14 @@ def truncate_log(path: Path, last_step: int) -> None:
     if not path.is_file():
         return
     kept = []
-    for line in path.read_text().splitlines(keepends=True):
+    for line in path.read_bytes().decode("utf-8", "replace").splitlines(keepends=True):
         if not line.strip():
             continue
         try:
             step = json.loads(line)["step"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+            if not isinstance(step, int):
+                raise TypeError(step)
+        except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
             tqdm.write(f"WARNING: dropped a torn line of {path.name} (a write cut short): "
                        f"{line.strip()[:60]!r}", file=sys.stderr)
             continue
