@@ -283,11 +283,17 @@ DAMAGES = {
     "wrong type": b"[1, 2, 3]\n",
     "hand-edited": "hand-edited",   # a field of the wrong type, per file below
 }
-HAND_EDITS = {"config.json": ("width", "wide"), "summary.json": ("mse", "low"),
+HAND_EDITS = {"checkpoint.pt": ("step", "many"), "config.json": ("width", "wide"),
+              "summary.json": ("mse", "low"),
               "eval.json": ("elbo", "high"), "metrics.jsonl": ("step", "first")}
 # (file, command with {run} = the damaged copy and {tmp} = a scratch folder, damages after
 # which the command may carry on)
 READERS = [
+    ("checkpoint.pt", ["sample", "--run={run}", "--out={tmp}/s.png", "--n=4"], ()),
+    ("checkpoint.pt", ["evaluate", "--run={run}", "--metrics=mse"], ()),
+    ("checkpoint.pt", ["export", "--run={run}", "--out={tmp}/m.safetensors"], ()),
+    ("checkpoint.pt", ["stage2", "--stage1={run}", "--out={tmp}/s2", *QUICK], ()),
+    ("checkpoint.pt", [*STAGE1, "--out={run}"], ("missing",)),   # killed before its first
     ("config.json", ["sample", "--run={run}", "--out={tmp}/s.png", "--n=4"], ()),
     ("config.json", ["evaluate", "--run={run}", "--metrics=mse"], ()),
     ("config.json", ["export", "--run={run}", "--out={tmp}/m.safetensors"], ()),
@@ -318,7 +324,10 @@ def damage(run: Path, file: str, how: str) -> None:
         path.unlink()
     elif how == "hand-edited":
         field, value = HAND_EDITS[file]
-        if file.endswith(".jsonl"):
+        if file.endswith(".pt"):
+            state = torch.load(path, weights_only=True)
+            torch.save({**state, field: value}, path)
+        elif file.endswith(".jsonl"):
             lines = [json.loads(line) for line in path.read_text().splitlines()]
             path.write_text("".join(json.dumps({**line, field: value}) + "\n" for line in lines))
         else:

@@ -30,6 +30,10 @@ def refused_global(error: pickle.UnpicklingError) -> str:
     return str(error).split("Unsupported global: GLOBAL ")[-1].split(" ")[0][:80]
 
 
+# What every checkpoint progvae ever wrote holds, and what loading one relies on first.
+CHECKPOINT_FIELDS = {"step": int, "model": dict, "ema": dict}
+
+
 def load_checkpoint(path: Path) -> dict:
     """A checkpoint's contents, loaded without unpickling anything but tensors, numbers,
     strings and containers (`weights_only=True`): a file handed to progvae cannot run code. A
@@ -50,6 +54,13 @@ def load_checkpoint(path: Path) -> dict:
     if not isinstance(state, dict):
         raise UserError(f"'{path}' does not hold a progvae checkpoint; pass the --out of a "
                         "progvae run.")
+    for name, kind in CHECKPOINT_FIELDS.items():
+        value = state.get(name)
+        if (not isinstance(value, kind) or isinstance(value, bool)
+                or kind is dict and not all(isinstance(v, torch.Tensor) for v in value.values())):
+            raise UserError(f"'{path}' holds no valid \"{name}\" (it was altered or written by "
+                            "something else); restore it, or resume from a kept checkpoint "
+                            "with --resume_from=STEP.")
     return state
 
 
