@@ -21,8 +21,8 @@ from pathlib import Path
 
 from progvae.core.atomic import atomic_path, atomic_write_json, atomic_write_text, writable_output
 from progvae.core.errors import UserError
-from progvae.core.untrusted import check_numbers, read_json
-from progvae.evaluation.metrics.evaluate import EVAL_NUMBERS
+from progvae.core.untrusted import read_json
+from progvae.evaluation.metrics.evaluate import read_eval
 from progvae.runs.curves import write_curves
 from progvae.runs.directory import recorded_kind
 from progvae.runs.kinds import KINDS
@@ -44,8 +44,7 @@ def read_run(path: Path) -> dict:
                         "run directories written by progvae.")
     config = read_json(path / "config.json")
     summary = run_summary(path)
-    evaluated = (check_numbers(read_json(path / "eval.json"), EVAL_NUMBERS,
-                               str(path / "eval.json")) if (path / "eval.json").is_file() else {})
+    evaluated = read_eval(path / "eval.json") if (path / "eval.json").is_file() else {}
     values = dict(summary)
     if evaluated and evaluated.get("step") == summary.get("steps", evaluated.get("step")):
         values.update(evaluated)

@@ -25,9 +25,7 @@ def stage1(config: str = "tiny", out: str = "", quiet: bool = False, resume_from
     Any config field can be overridden as --field=value. Re-running on the same --out resumes
     from the latest checkpoint; --resume_from=STEP from a kept one (--keep_checkpoints=N).
     """
-    from progvae.stages.stage1 import train_stage1
-
-    _train(train_stage1, _config(config, overrides), out, quiet, resume_from, "Stage one")
+    _train("stage1", _config(config, overrides), out, quiet, resume_from, title="Stage one")
 
 
 def stage2(stage1: str = "", config: str = "", out: str = "", quiet: bool = False,
@@ -38,12 +36,12 @@ def stage2(stage1: str = "", config: str = "", out: str = "", quiet: bool = Fals
     --config defaults to the stage-one run's own configuration (architecture, data, optimiser);
     any field can be overridden as --field=value. Re-running on the same --out resumes.
     """
-    from progvae.stages.stage2 import stage2_config, train_stage2
+    from progvae.stages.stage2 import stage2_config
 
     if not stage1:
         raise UserError("Pass --stage1=RUN, the directory of a finished stage-one run.")
-    _train(lambda settings, out, **options: train_stage2(settings, stage1, out, **options),
-           stage2_config(stage1, config, overrides), out, quiet, resume_from)
+    _train("stage2", stage2_config(stage1, config, overrides), out, quiet, resume_from,
+           stage1=stage1)
 
 
 def joint(config: str = "tiny", out: str = "", quiet: bool = False, resume_from: int = 0,
@@ -52,9 +50,7 @@ def joint(config: str = "tiny", out: str = "", quiet: bool = False, resume_from:
 
     Example: python -m progvae joint --config=digits --out=runs/joint --steps=2000
     """
-    from progvae.stages.joint import train_joint
-
-    _train(train_joint, _config(config, overrides), out, quiet, resume_from)
+    _train("joint", _config(config, overrides), out, quiet, resume_from)
 
 
 def sample(run: str, n: int = 64, out: str = "samples.png", seed: int = 0,
@@ -233,9 +229,7 @@ def vdvae(config: str = "tiny", out: str = "", quiet: bool = False, resume_from:
 
     Example: python -m progvae vdvae --config=digits --out=runs/vdvae --steps=1200
     """
-    from progvae.stages.vdvae import train_vdvae
-
-    _train(train_vdvae, _config(config, overrides), out, quiet, resume_from)
+    _train("vdvae", _config(config, overrides), out, quiet, resume_from)
 
 
 def progressive(run: str = "", out: str = "", data: str = "", max_resolution: int = 0,
@@ -307,11 +301,14 @@ def _config(preset: str, overrides: dict):
     return load_config(preset, overrides)
 
 
-def _train(train, config, out: str, quiet: bool, resume_from, title: str = "") -> None:
-    """Train (or continue) a run with a stage's `train` function and print its summary."""
+def _train(kind: str, config, out: str, quiet: bool, resume_from, title: str = "",
+           stage1: str = "") -> None:
+    """Train (or continue) a run of `kind` (progvae.stages.train) and print its summary."""
     from progvae.runs.train import format_summary
+    from progvae.stages import train
 
-    summary = train(config, out, quiet=quiet, resume_from=_resume_step(resume_from))
+    summary = train(kind, config, out, stage1=stage1, quiet=quiet,
+                    resume_from=_resume_step(resume_from))
     _print_main(format_summary(summary, out, title))
 
 

@@ -35,12 +35,12 @@ import torch
 from progvae.core.atomic import atomic_write_json
 from progvae.core.config import Config, apply_overrides
 from progvae.core.errors import UserError
-from progvae.core.untrusted import read_json
 from progvae.data.loading import ImageData, load_data_for, to_model_input, to_uint8_images
 from progvae.models.distributions import NoiseShard
 from progvae.models.heads import mse_per_image
 from progvae.models.masked_coder import MaskedCoder
 from progvae.models.vdvae import VDVAE
+from progvae.runs.directory import read_run_config
 from progvae.runs.heldout import HELDOUT_SEED, heldout_metrics, seeded
 from progvae.runs.kinds import KINDS
 from progvae.runs.load import load_model
@@ -222,14 +222,14 @@ def run_progressive(vdvae_run: str | Path, out: str | Path, data_spec: str = "",
                     f"target {gamma_config.rate_target:.5f}, {gamma_config.steps} steps in all.")
         gamma_summary, gamma_trainer, controller = train_gamma(gamma_config)
 
+    gap = gamma_summary["rate"] / rate_k - 1.0
     table = {
         "data": data.name, "vdvae_run": str(vdvae_run), "vdvae_steps": info["step"],
         "vdvae_elbo": conventional["elbo"], "vdvae_bpd": conventional["bpd"],
         "max_resolution": max_resolution, "K": n_groups, "n_groups": vdvae.n_groups,
         "R_K": rate_k, "D_K": decoder_summary["mse"],
         "R_prime_K": gamma_summary["rate"], "lambda_star_upper": gamma_summary["mse"],
-        "rate_gap": gamma_summary["rate"] / rate_k - 1.0,
-        "at_the_same_rate": abs(gamma_summary["rate"] / rate_k - 1.0) <= SAME_RATE,
+        "rate_gap": gap, "at_the_same_rate": abs(gap) <= SAME_RATE,
         "D_T": conventional["mse"],
         "gamma_multiplier": controller.multiplier,
         "gamma_training_target": gamma_config.rate_target,
@@ -254,11 +254,10 @@ def continued_gamma_config(config: Config, run_dir: Path) -> Config:
     recorded = run_dir / "config.json"
     if not recorded.is_file():
         return config
-    values = read_json(recorded, fix="restore it, or pass a new --out")
-    if isinstance(values.get("steps"), int) and values["steps"] > config.steps and isinstance(
-            values.get("rate_target"), (int, float)):
-        return dataclasses.replace(config, steps=values["steps"],
-                                   rate_target=float(values["rate_target"]))
+    _, previous = read_run_config(recorded, fix="restore it, or pass a new --out")
+    if previous.steps > config.steps:
+        return dataclasses.replace(config, steps=previous.steps,
+                                   rate_target=previous.rate_target)
     return config
 
 

@@ -32,7 +32,7 @@ import torch
 from progvae.core.atomic import atomic_path, atomic_write_json
 from progvae.core.config import Config
 from progvae.core.errors import UserError
-from progvae.core.untrusted import read_json, read_json_lines
+from progvae.core.untrusted import read_json_lines
 from progvae.data.images import save_rows
 from progvae.data.loading import load_data_for, to_model_input, to_uint8_images
 from progvae.runs.heldout import seeded
@@ -118,8 +118,7 @@ def run_sweep(config: Config, targets: list[float], out: str | Path, quiet: bool
 
 
 def _finished(run_dir: Path, config: Config) -> bool:
-    summary = run_dir / "summary.json"
-    return summary.is_file() and read_json(summary, {"steps": int})["steps"] >= config.steps
+    return run_summary(run_dir).get("steps", 0) >= config.steps
 
 
 def _read_metrics(run_dir: Path) -> list[dict]:

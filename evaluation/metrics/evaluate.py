@@ -27,7 +27,7 @@ import torch
 
 from progvae.core.atomic import atomic_write_json, flag_non_finite
 from progvae.core.errors import UserError
-from progvae.core.untrusted import check_numbers, read_json
+from progvae.core.untrusted import RESTORE, check_numbers, read_json
 from progvae.data.loading import device_batch, load_data_for, to_model_input
 from progvae.evaluation.metrics.elbo import importance_weighted_metrics
 from progvae.runs.exported import is_exported
@@ -194,13 +194,17 @@ EVAL_NUMBERS = ("step", "elbo", "bpd", "mse", "psnr", "rate", "fid", "fid_digits
                 "iw_elbo", "iw_bpd")
 
 
+def read_eval(path: Path, fix: str = RESTORE) -> dict:
+    """An eval.json, its numbers checked; a damaged file is one sentence naming it."""
+    return check_numbers(read_json(path, fix=fix), EVAL_NUMBERS, str(path), fix)
+
+
 def write_eval(path: Path, result: dict) -> None:
     """Merge into eval.json when it describes the same checkpoint, data and split (so separate
     calls for different metrics add up); otherwise replace it."""
     merged = dict(result)
     if path.is_file():
-        fix = "remove it (evaluate then writes a new one) or restore it"
-        previous = check_numbers(read_json(path, fix=fix), EVAL_NUMBERS, str(path), fix)
+        previous = read_eval(path, fix="remove it (evaluate then writes a new one) or restore it")
         if all(previous.get(key) == result[key] for key in ("step", "data", "split")):
             names = list(dict.fromkeys(previous.get("metrics", []) + result["metrics"]))
             merged = {**previous, **result, "metrics": names}

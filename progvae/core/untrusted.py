@@ -68,7 +68,7 @@ MAX_JSON_BYTES = 64 << 20   # a run's JSON files are kilobytes; a larger one is 
 RESTORE = "restore it (or run the command that writes it again), or pass another run"
 
 
-def read_json(path: str | Path, fields: dict[str, type | tuple[type, ...]] | None = None,
+def read_json(path: str | Path, fields: dict[str, type] | None = None,
               fix: str = RESTORE) -> dict:
     """The JSON object in `path`, a file progvae wrote earlier (config.json, summary.json,
     eval.json, table.json, a manifest). A file that is missing, empty, larger than
@@ -108,10 +108,9 @@ def read_json(path: str | Path, fields: dict[str, type | tuple[type, ...]] | Non
     for name, kind in (fields or {}).items():
         if name not in value:
             raise UserError(f"{where} has no \"{name}\"; {fix}.")
-        if not isinstance(value[name], kind) or isinstance(value[name], bool) and bool not in (
-                kind if isinstance(kind, tuple) else (kind,)):
+        if not isinstance(value[name], kind) or isinstance(value[name], bool) != (kind is bool):
             raise UserError(f"{where} holds a {_json_type(value[name])} as \"{name}\" where "
-                            f"progvae writes a {_json_type_name(kind)}; {fix}.")
+                            f"progvae writes a {_json_type(kind())}; {fix}.")
     return value
 
 
@@ -138,12 +137,6 @@ def _json_type(value) -> str:
     return {dict: "object", list: "list", str: "string", bool: "true/false",
             type(None): "null"}.get(type(value), "number")
 
-
-def _json_type_name(kind) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    names = {dict: "object", list: "list", str: "string", bool: "true/false", int: "number",
-             float: "number"}
-    return " or ".join(dict.fromkeys(names.get(k, k.__name__) for k in kinds))
 
 
 def check_numbers(values: dict, names: tuple[str, ...], where: str, fix: str = RESTORE) -> dict:

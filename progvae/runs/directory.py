@@ -15,7 +15,7 @@ import torch
 from progvae.core.atomic import atomic_write_json
 from progvae.core.config import ARCHITECTURE_FIELDS, Config
 from progvae.core.errors import UserError
-from progvae.core.untrusted import load_checkpoint, read_json
+from progvae.core.untrusted import RESTORE, load_checkpoint, read_json
 from progvae.data.loading import ImageData, load_data_for
 from progvae.training import dist, history
 from progvae.training.checkpoint import CHECKPOINT
@@ -153,13 +153,9 @@ def _check_continuation(run_dir: Path, config: Config, stage: str) -> None:
     previous = run_dir / "config.json"
     if not previous.is_file():
         return
-    values = read_json(previous, fix="restore it, or pass a new --out")
-    if recorded_kind(values) != stage:
-        raise UserError(f"'{run_dir}' holds a {recorded_kind(values)} run; pass a new --out for "
-                        f"this {stage} run.")
-    # Read as a Config (a field an older run does not record has its default value), so a
-    # hand-edited field is refused naming the file.
-    recorded = Config.from_dict(config_fields(values), source=str(previous))
+    kind, recorded = read_run_config(previous, fix="restore it, or pass a new --out")
+    if kind != stage:
+        raise UserError(f"'{run_dir}' holds a {kind} run; pass a new --out for this {stage} run.")
     changed = [name for name in ARCHITECTURE_FIELDS
                if getattr(recorded, name) != getattr(config, name)]
     if changed:
@@ -175,8 +171,14 @@ def load_run_config(run: str | Path) -> tuple[Path, Config]:
     if not (run / "config.json").is_file() or not (run / CHECKPOINT).is_file():
         raise UserError(f"'{run}' holds no {CHECKPOINT} (or config.json); train it first or pass "
                         "the --out of a run that has written a checkpoint.")
-    values = read_json(run / "config.json")
-    return run, Config.from_dict(config_fields(values), source=f"{run}/config.json")
+    return run, read_run_config(run / "config.json")[1]
+
+
+def read_run_config(path: Path, fix: str = RESTORE) -> tuple[str | None, Config]:
+    """A run's config.json as the kind it records and its Config (a field an older run does not
+    record has its default value); a damaged or hand-edited file is one sentence naming it."""
+    values = read_json(path, fix=fix)
+    return recorded_kind(values), Config.from_dict(config_fields(values), source=str(path))
 
 
 def recorded_kind(values: dict) -> str | None:
