@@ -9,36 +9,44 @@ prior's Gaussian convolved with a unit box (Balle et al. 2018), centred on zero,
 mean never enters the entropy model; only its scale does.
 
 Determinism. The decoder must model each symbol with exactly the scale the encoder used, or the
-stream is garbage. Both sides (1) run the network in float64, where the tiny differences
-between thread counts or batch layouts are ~1e-15 rather than ~1e-7, and (2) round each scale
-to the nearest of SCALE_COUNT fixed values (log-spaced, as learned-compression codecs do), so a
-difference matters only if it straddles a rounding boundary. Each group's decoded symbols are
-checked against a CRC-32 the encoder stored, so a mismatch (or a corrupted file) ends in an
-error, never in a wrong picture. Encoder and decoder batch the same tiles together.
+stream is garbage. Both sides (1) compute each prior by the same operations on the same shapes
+(the same tiles batched together, or the whole image), in float32 on CODER_THREADS threads
+whatever --num_threads says (oneDNN's convolutions round differently with another thread count:
+measured, 3e-6 in a prior's log scale between 1 and 2 threads, enough to fail a 512x600 photo),
+and (2) round each scale to the nearest of SCALE_COUNT fixed values (log-spaced, as
+learned-compression codecs do), so a difference between machines matters only if it straddles a
+rounding boundary. Each group's
+decoded symbols are checked against a CRC-32 the encoder stored, so a mismatch (or a corrupted
+file) ends in an error, never in a wrong picture.
 
 Entropy coder: constriction's range coder (`constriction.stream.queue`). A range coder is a
 queue: symbols decode in the order they were written, which is the order in which the decoder
 learns each symbol's scale (top-down, tile by tile). An ANS coder is a stack and would need every
 group written in reverse; its few bits' saving per stream does not matter at these sizes.
-Each scale has a quantised Gaussian on [-T-1, T+1], T = ceil(8 sigma); +-(T+1) is an escape
-whose remaining magnitude follows in 20 uniform bits, so any symbol can be coded while the
-typical ones pay nothing for the escape (its probability is constriction's smallest, 2^-24).
+Each scale has a table of the Gaussian's mass on each unit box over [-T-1, T+1], T =
+ceil(8 sigma); +-(T+1) is an escape whose remaining magnitude follows in 20 uniform bits, so any
+symbol can be coded while the typical ones pay nothing for the escape (its probability is
+constriction's smallest, 2^-24).
 
-Whole images are padded (edge pixels repeated) to a multiple of the model's image size and cut
-into tiles coded independently. VDVAE is not fully convolutional: its top group is 1x1 and each
-resolution starts from a learned fixed-size stream, so tiling is what it supports. Tiles share
-nothing, so at low rates their borders can show as seams.
+Whole images. A fully convolutional model (`--fully_convolutional`, the `codec` preset and the
+shipped weights) codes the whole image in one pass, padded (edge pixels repeated) to a multiple
+of its coarsest group's stride and cropped after decoding. A plain VDVAE is not fully
+convolutional (its top group is 1x1 and each resolution starts from a learned fixed-size
+stream), so the image is padded to a multiple of the model's image size and cut into tiles
+coded independently, which share nothing: at low rates their borders can show as seams.
 
-File layout (.pvc, format version 1; integers little-endian):
+File layout (.pvc, format version 2; integers little-endian):
 
     magic b"PVC\\0", version (u8), model hash (8 bytes: the start of a SHA-256 over the weights),
-    height, width (u32), channels (u8), tile size, tiles per batch, groups (u16);
+    height, width (u32), channels (u8), tile size (a fully convolutional model: the multiple
+    the image is padded to), tiles per batch (1 for a whole image), groups (u16);
     per group: the stream's length in bytes and the CRC-32 of its symbols (u32, u32);
     a CRC-32 of everything above (u32); then the streams, top group first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -56,7 +64,7 @@ from progvae.core.errors import UserError
 from progvae.models.distributions import box_gaussian_nll
 
 MAGIC = b"PVC\x00"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 1: float64 arithmetic, tiles only
 HASH_BYTES = 8
 _FIXED = struct.Struct("<4sB8sIIBHHH")   # magic, version, hash, height, width, channels, tile, batch, groups
 _GROUP = struct.Struct("<II")            # stream length in bytes, CRC-32 of the symbols
@@ -75,6 +83,7 @@ TILES_PER_BATCH = 32
 MAX_PIXELS = 1 << 26        # 67 megapixels: the largest image a header may describe
 MAX_FILE_BYTES = 1 << 30
 MAX_TILES_PER_BATCH = 1024
+CODER_THREADS = 2   # the network's threads while coding: fixed, so its arithmetic is too
 
 
 @dataclass
@@ -123,8 +132,14 @@ class Codec:
                             "--config=codec32).")
         self.source = source
         self.model_hash = weights_hash(model)
-        self.network = copy.deepcopy(model).double().eval().requires_grad_(False)
-        self.tile = model.image_size
+        self.network = copy.deepcopy(model).float().eval().requires_grad_(False)
+        self.whole = getattr(model, "fully_convolutional", False)
+        self.patch = getattr(model, "patch_size", 1)
+        # A whole image is padded to a multiple of the coarsest group's stride; tiles are the
+        # model's training size.
+        coarsest = min(model.decoder.group_resolutions)
+        self.tile = model.decoder.image_size // coarsest * self.patch if self.whole \
+            else model.image_size
         self.channels = model.image_channels
         self.n_groups = model.n_groups
 
@@ -136,13 +151,15 @@ class Codec:
         if height * width > MAX_PIXELS:
             raise UserError(f"The image is {width}x{height}, more than the codec's "
                             f"{MAX_PIXELS:,} pixels; cut it into smaller pictures.")
-        tiles, rows, cols = to_tiles(image, self.tile)
+        tiles, rows, cols = (whole_image(image, self.tile) if self.whole
+                             else to_tiles(image, self.tile))
+        batch = 1 if self.whole else batch
         coders = [_coder().RangeEncoder() for _ in range(self.n_groups)]
         crcs = [0] * self.n_groups
         predicted_nats = 0.0
         decoded_tiles = []
         for start in range(0, len(tiles), batch):
-            x = tiles[start:start + batch].double().div(127.5).sub(1.0)
+            x = tiles[start:start + batch].float().div(127.5).sub(1.0)
             picked: list[tuple[np.ndarray, np.ndarray]] = []
             nats = []
 
@@ -156,7 +173,7 @@ class Codec:
                     return latent
                 return pick
 
-            with torch.no_grad():
+            with torch.no_grad(), pinned_threads():
                 features = self.network.decoder.run_with_rule(
                     rule, encoder_activations=self.network.encoder(x))["features"]
                 decoded_tiles.append(self._pixels(features))
@@ -194,6 +211,10 @@ class Codec:
                     for i in range(wanted)]
         crcs = [0] * wanted
         rows, cols = -(-header.height // self.tile), -(-header.width // self.tile)
+        grid = None
+        if self.whole:   # one piece, the padded image, at the finest group's grid
+            grid = (rows * self.tile // self.patch, cols * self.tile // self.patch)
+            rows = cols = 1
         decoded_tiles = []
         for start in range(0, rows * cols, header.batch):
             n = min(header.batch, rows * cols - start)
@@ -207,8 +228,8 @@ class Codec:
                     return prior_mean + torch.from_numpy(symbols).to(prior_mean).view_as(prior_mean)
                 return pick
 
-            with torch.no_grad():
-                features = self.network.decoder.run_with_rule(rule, n=n)["features"]
+            with torch.no_grad(), pinned_threads():
+                features = self.network.decoder.run_with_rule(rule, n=n, grid=grid)["features"]
                 decoded_tiles.append(self._pixels(features))
         for index in range(wanted):
             if crcs[index] != header.symbol_crcs[index]:
@@ -221,7 +242,7 @@ class Codec:
 
     # --- helpers -----------------------------------------------------------------------------
     def _pixels(self, features: torch.Tensor) -> torch.Tensor:
-        """The decoded tiles as uint8 (N, C, tile, tile), kept batch by batch."""
+        """The decoded tiles (or whole image) as uint8 (N, C, h, w), kept batch by batch."""
         mean = self.network.head.mean(self.network.head(features))
         return mean.add(1.0).mul(127.5).clamp(0, 255).round().to(torch.uint8)
 
@@ -239,10 +260,21 @@ class Codec:
                             f", not {self.model_hash.hex()}); decompress it with the run that "
                             "compressed it.")
         if (header.tile != self.tile or len(header.stream_bytes) != self.n_groups
-                or header.channels not in (1, 3)):
+                or header.channels not in (1, 3) or (self.whole and header.batch != 1)):
             raise UserError(f"{source} describes tiles of {header.tile} pixels in "
                             f"{len(header.stream_bytes)} groups, which this model does not make; "
                             "the file is corrupted.")
+
+
+@contextlib.contextmanager
+def pinned_threads():
+    """Run the network on CODER_THREADS threads (see the module docstring), then restore."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(CODER_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def read_header(data: bytes, source: str) -> Header:
@@ -311,18 +343,28 @@ def to_tiles(image: np.ndarray, tile: int) -> tuple[torch.Tensor, int, int]:
     return tiles, rows, cols
 
 
+def whole_image(image: np.ndarray, multiple: int) -> tuple[torch.Tensor, int, int]:
+    """(H, W, C) uint8 -> (1, C, H', W') uint8, padded by repeating the edge pixels to sides
+    that are multiples of `multiple`: one piece, so `from_tiles` crops it back."""
+    height, width, _ = image.shape
+    padded = np.pad(image, ((0, -height % multiple), (0, -width % multiple), (0, 0)), mode="edge")
+    return torch.from_numpy(np.ascontiguousarray(padded.transpose(2, 0, 1)))[None], 1, 1
+
+
 def from_tiles(tiles: torch.Tensor, rows: int, cols: int, height: int, width: int) -> np.ndarray:
-    """The inverse of `to_tiles` (uint8 tiles), cropped to (height, width): (H, W, C) uint8."""
-    _, channels, tile, _ = tiles.shape
+    """The inverse of `to_tiles` (or `whole_image`) on uint8 pieces, cropped to (height, width):
+    (H, W, C) uint8."""
+    _, channels, tile_height, tile_width = tiles.shape
     pixels = tiles.numpy()
-    canvas = pixels.reshape(rows, cols, channels, tile, tile).transpose(0, 3, 1, 4, 2)
-    return np.ascontiguousarray(canvas.reshape(rows * tile, cols * tile, channels)[:height, :width])
+    canvas = pixels.reshape(rows, cols, channels, tile_height, tile_width).transpose(0, 3, 1, 4, 2)
+    return np.ascontiguousarray(
+        canvas.reshape(rows * tile_height, cols * tile_width, channels)[:height, :width])
 
 
 # --- entropy coding ------------------------------------------------------------------------------
 def scale_indices(logstd: torch.Tensor) -> np.ndarray:
     """Each element's prior scale as an index into SCALES (nearest in log space), flattened."""
-    index = torch.round((logstd.double().flatten() - _LOG_MIN) / _LOG_STEP)
+    index = torch.round((logstd.flatten().double() - _LOG_MIN) / _LOG_STEP)
     return index.clamp(0, SCALE_COUNT - 1).to(torch.int64).numpy()
 
 
@@ -334,8 +376,8 @@ def _encode_group(coder, symbols: np.ndarray, scales: np.ndarray) -> None:
     tails = TAILS[scales]
     for index, start, stop in _runs(scales):
         tail = TAILS[index]
-        coder.encode(np.clip(symbols[start:stop], -tail - 1, tail + 1).astype(np.int32),
-                     _gaussian(index))
+        coder.encode((np.clip(symbols[start:stop], -tail - 1, tail + 1) + tail + 1)
+                     .astype(np.int32), _gaussian(index))
     escaped = np.abs(symbols) > tails
     if escaped.any():
         magnitudes = np.abs(symbols[escaped]) - tails[escaped] - 1
@@ -352,7 +394,7 @@ def _decode_group(coder, scales: np.ndarray, source: str) -> np.ndarray:
     symbols = np.empty(len(scales), dtype=np.int64)
     try:
         for index, start, stop in _runs(ordered):
-            symbols[start:stop] = coder.decode(_gaussian(index), stop - start)
+            symbols[start:stop] = coder.decode(_gaussian(index), stop - start) - TAILS[index] - 1
         tails = TAILS[ordered]
         escaped = np.abs(symbols) > tails
         if escaped.any():
@@ -377,8 +419,18 @@ def _runs(sorted_values: np.ndarray):
 
 @functools.lru_cache(maxsize=None)
 def _gaussian(index: int):
-    tail = int(TAILS[index])
-    return _coder_models().QuantizedGaussian(-tail - 1, tail + 1, 0.0, float(SCALES[index]))
+    """The symbol model of scale SCALES[index]: a categorical over -T-1..T+1 (symbol + T + 1),
+    the Gaussian's mass on each unit box and, at the two escape ends, the tails beyond. A
+    table decodes several times faster than constriction's QuantizedGaussian, which evaluates
+    the Gaussian's CDF while searching; the probabilities are rounded to multiples of 2^-30
+    so that machines whose erf differs in the last bit still build the same table."""
+    from scipy.special import ndtr
+
+    tail, scale = int(TAILS[index]), float(SCALES[index])
+    edges = ndtr((np.arange(-tail - 1, tail + 2) + 0.5) / scale)   # upper edge of each box
+    probabilities = np.diff(np.concatenate([[0.0], edges[:-1], [1.0]]))
+    probabilities = np.maximum(np.round(probabilities * 2.0 ** 30), 1.0)
+    return _coder_models().Categorical(probabilities / probabilities.sum(), perfect=False)
 
 
 @functools.lru_cache(maxsize=None)

@@ -35,7 +35,7 @@ class Config:
     `validate` whenever a config is loaded)."""
 
     # --- data -------------------------------------------------------------------------------
-    data: str = option("digits", "the dataset: digits | patches | folder:PATH | npz:PATH | "
+    data: str = option("digits", "the dataset: digits | patches | photos | folder:PATH | npz:PATH | "
                        "svhn:DIR | celeba:DIR | lsun:DIR")
     image_size: int = option(32, "square images of this many pixels a side; the data must "
                              "match (or pass --resize)", minimum=1)
@@ -65,6 +65,20 @@ class Config:
                           "coded under the box-integrated prior (a real codec's rate)",
                           choices=("gaussian", "quantized"))
     n_mixtures: int = option(10, "components of the DMoL head (stage two, vdvae)", minimum=1)
+    patch_size: int = option(1, "p: the encoder starts by folding p x p pixel patches into "
+                             "channels and the linear head ends by unfolding them (a stride-p "
+                             "patch embedding, as learned codecs use); block strings then count "
+                             "image_size / p at the top", minimum=1)
+    fully_convolutional: bool = option(False, "each resolution's stream starts from a learned "
+                                       "bias broadcast to the image's size and coarser streams "
+                                       "are upsampled by a learned convolution, so an image of "
+                                       "any size (sides a multiple of the largest stride) runs "
+                                       "in one pass (the codec's presets)")
+    quantized_training: str = option("noise", "quantized latents in training: noise (the "
+                                     "decoder sees the noisy latent) or ste (the decoder sees "
+                                     "the rounded latent it is given when decoding, rounding's "
+                                     "gradient passed straight through; the rate is the noisy "
+                                     "latent's either way)", choices=("noise", "ste"))
 
     # --- optimisation (paper 003 A.1, VDVAE defaults) -----------------------------------------
     batch_size: int = option(16, "images per process per micro-step; global batch = batch_size "
@@ -181,7 +195,7 @@ class Config:
 ARCHITECTURE_FIELDS = (
     "image_size", "image_channels", "enc_blocks", "dec_blocks", "width", "custom_width", "zdim",
     "bottleneck_multiple", "precision_weighted_merge", "n_mixtures", "latent_groups", "latents",
-    "masked",
+    "masked", "patch_size", "fully_convolutional",
 )
 
 

@@ -6,6 +6,7 @@ A dataset is named by a spec string (the `--data` flag):
 | ------------- | --------------------------------------------------------------------------- |
 | `digits`      | scikit-learn's bundled 8×8 handwritten digits, upsampled; 1 channel         |
 | `patches`     | crops of scikit-learn's two bundled photographs (china, flower); 3 channels |
+| `photos`      | crops of eleven photographs scikit-image, scikit-learn and matplotlib ship (the codec's data; progvae/data/photos.py) |
 | `folder:PATH` | PNG/JPEG/BMP files under PATH (split 90/10, or PATH/train and PATH/test)    |
 | `npz:PATH`    | a .npz holding uint8 arrays under the keys `train` and `test`               |
 | `svhn:DIR`    | SVHN's train_32x32.mat / test_32x32.mat (+ extra_32x32.mat)                 |
@@ -36,7 +37,7 @@ from progvae.data.cache import CacheEntry, load_cached
 from progvae.data.readers import (SPLIT_SEED, celeba_recipe, cifar10_recipe, folder_recipe,
                                   imagenet_recipe, list_images, lsun_recipe, svhn_recipe)
 
-VALID_SPECS = ("digits, patches, folder:PATH, npz:PATH, svhn:DIR, celeba:DIR, lsun:DIR, "
+VALID_SPECS = ("digits, patches, photos, folder:PATH, npz:PATH, svhn:DIR, celeba:DIR, lsun:DIR, "
                "cifar10:PATH, imagenet32:DIR, imagenet64:DIR")
 PATH_HINTS = {  # what each on-disk spec's path names, for the message when it is left out
     "folder": "a folder of images",
@@ -50,7 +51,7 @@ PATH_HINTS = {  # what each on-disk spec's path names, for the message when it i
     "imagenet64": "the folder holding imagenet64-train.npy and imagenet64-valid.npy (or the "
                   "official .npz batches)",
 }
-NATURAL_SIZES = {"digits": 16, "patches": 32, "svhn": 32, "celeba": 64, "lsun": 64,
+NATURAL_SIZES = {"digits": 16, "patches": 32, "photos": 64, "svhn": 32, "celeba": 64, "lsun": 64,
                  "cifar10": 32, "imagenet32": 32, "imagenet64": 64}
 PATCHES_SEED = 4321  # fixes the crop positions and flips of `patches`
 DIGITS_TEST_SIZE = 297  # 1797 digits = 1500 train + 297 test
@@ -100,6 +101,9 @@ def load_data(spec: str, image_size: int, resize: bool = False, *,
         return _load_digits(image_size)
     if spec == "patches":
         return _load_patches(image_size)
+    if spec == "photos":
+        from progvae.data.photos import load_photos
+        return load_photos(image_size)
     prefix, _, path_text = spec.partition(":")
     if prefix not in PATH_HINTS:
         raise UserError(f"Unknown dataset {spec!r}; pass --data as one of {VALID_SPECS}.")

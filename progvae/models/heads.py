@@ -8,6 +8,7 @@ Every head offers the same four calls, so a model does not care which one it car
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from progvae.models.blocks import conv
@@ -20,11 +21,15 @@ class LinearHead(nn.Module):
     [-1, 1] pixel scale.
     """
 
-    def __init__(self, width: int, image_channels: int):
+    def __init__(self, width: int, image_channels: int, patch_size: int = 1):
         super().__init__()
-        self.proj = conv(width, image_channels, 1)
+        self.patch_size = patch_size
+        # With patches, each feature vector predicts a p x p patch (still linear in it).
+        self.proj = conv(width, image_channels * patch_size ** 2, 1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:  # (B, width, H, W) -> (B, C, H, W)
+        if self.patch_size > 1:
+            return F.pixel_shuffle(self.proj(features), self.patch_size)
         return self.proj(features)
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:

@@ -31,26 +31,35 @@ class Encoder(nn.Module):
     """Bottom-up pass: image -> {resolution: activation} (the last activation at each resolution)."""
 
     def __init__(self, in_channels: int, specs: list[BlockSpec], widths: dict[int, int],
-                 bottleneck_multiple: float, checkpointing: bool = False):
+                 bottleneck_multiple: float, checkpointing: bool = False, patch_size: int = 1,
+                 fully_convolutional: bool = False):
         super().__init__()
         self.widths = widths
         self.checkpointing = checkpointing
-        first = specs[0].resolution
-        self.in_conv = conv(in_channels, widths[first], 3)
+        self.patch_size = patch_size
+        self.first = first = specs[0].resolution
+        self.in_conv = conv(in_channels * patch_size ** 2, widths[first], 3)
         scale = residual_scale(len(specs))
         self.blocks = nn.ModuleList()
+        # Activations are keyed by their resolution on a training image (the block strings'
+        # numbers), not by their measured size, so a fully convolutional model keys a larger
+        # image's activations the same way.
+        self.resolutions = []
         for spec in specs:
             width = widths[spec.resolution]
             self.blocks.append(Block(
-                width, int(width * bottleneck_multiple), width, spatial=spec.resolution > 2,
+                width, int(width * bottleneck_multiple), width,
+                spatial=fully_convolutional or spec.resolution > 2,
                 residual=True, down_rate=spec.down_rate, output_scale=scale))
+            self.resolutions.append(spec.resolution // (spec.down_rate or 1))
 
     def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        if self.patch_size > 1:   # (B, C, H, W) -> (B, C p^2, H/p, W/p)
+            x = F.pixel_unshuffle(x, self.patch_size)
         h = self.in_conv(x)                                  # (B, width, H, W)
-        activations = {h.shape[-1]: h}
-        for block in self.blocks:
+        activations = {self.first: h}
+        for block, resolution in zip(self.blocks, self.resolutions):
             h = run_block(block, self.checkpointing, h)
-            resolution = h.shape[-1]
             h = match_channels(h, self.widths[resolution])
             activations[resolution] = h
         return activations
@@ -87,16 +96,18 @@ class DecoderBlock(nn.Module):
     """
 
     def __init__(self, spec: BlockSpec, width: int, zdim: int, bottleneck_multiple: float,
-                 n_blocks: int, precision_weighted: bool, quantized: bool = False):
+                 n_blocks: int, precision_weighted: bool, quantized: bool = False,
+                 straight_through: bool = False, fully_convolutional: bool = False):
         super().__init__()
         self.quantized = quantized
+        self.straight_through = straight_through
         self.resolution = spec.resolution
         self.mixin = spec.mixin
         self.width = width
         self.zdim = zdim
         self.precision_weighted = precision_weighted
         self.middle = middle = int(width * bottleneck_multiple)
-        spatial = spec.resolution > 2
+        spatial = fully_convolutional or spec.resolution > 2
         scale = residual_scale(n_blocks)
         # q(z_i | stream, encoder activation): sees the stream and the bottom-up features.
         self.posterior = Block(2 * width, middle, 2 * zdim, spatial=spatial)
@@ -121,7 +132,15 @@ class DecoderBlock(nn.Module):
         activated = gelu(stream)
         first_prior = self.prior.convs[0]
         posterior_first = None
-        if encoder_term is None:
+        if latent_rule is not None:
+            # The codec computes the prior alike when encoding and decoding, so both sides
+            # round its scales from the same arithmetic.
+            prior_first = first_prior(activated)
+            if encoder_term is not None:
+                first_posterior = self.posterior.convs[0]
+                posterior_first = F.conv2d(activated, first_posterior.weight[:, :self.width],
+                                           first_posterior.bias) + encoder_term
+        elif encoder_term is None:
             prior_first = first_prior(activated)
         else:   # both blocks' first layers on the stream in one convolution
             first_posterior = self.posterior.convs[0]
@@ -148,6 +167,12 @@ class DecoderBlock(nn.Module):
                 latent = (posterior_mean + uniform_noise_like(posterior_mean, noise)
                           if self.training else quantized_latent(posterior_mean, prior_mean))
                 kl = box_gaussian_nll(latent.float(), prior_mean.float(), prior_logstd.float())
+                if self.training and self.straight_through:
+                    # Decode what coding decodes: the rounded latent, with rounding's
+                    # gradient passed straight through to the posterior mean (the rate
+                    # above stays the noisy latent's, CompressAI's "ste" mode).
+                    rounded = quantized_latent(posterior_mean, prior_mean)
+                    latent = posterior_mean + (rounded - posterior_mean).detach()
             else:
                 # One autograd node; the KL in float32 even under reduced-precision autocast.
                 latent, kl = gaussian_sample_with_kl(posterior_mean, posterior_logstd,
@@ -178,21 +203,34 @@ class Decoder(nn.Module):
 
     def __init__(self, specs: list[BlockSpec], widths: dict[int, int], zdim: int,
                  bottleneck_multiple: float, image_size: int, precision_weighted: bool,
-                 checkpointing: bool = False, quantized: bool = False):
+                 checkpointing: bool = False, quantized: bool = False,
+                 straight_through: bool = False, fully_convolutional: bool = False):
         super().__init__()
-        self.image_size = image_size
+        self.image_size = image_size   # in the block strings' units (pixels / patch size)
         self.checkpointing = checkpointing
         self.widths = widths
         self.quantized = quantized
+        self.fully_convolutional = fully_convolutional
         self.blocks = nn.ModuleList([
             DecoderBlock(spec, widths[spec.resolution], zdim, bottleneck_multiple, len(specs),
-                         precision_weighted, quantized) for spec in specs])
+                         precision_weighted, quantized, straight_through, fully_convolutional)
+            for spec in specs])
         resolutions = sorted({spec.resolution for spec in specs})
         self.blocks_by_resolution = {r: [i for i, spec in enumerate(specs) if spec.resolution == r]
                                      for r in resolutions}
-        # A learned starting stream per resolution (zero-initialised), as in VDVAE.
+        # A learned starting stream per resolution (zero-initialised), as in VDVAE; a fully
+        # convolutional decoder learns one vector per resolution, broadcast to the image's
+        # size (QRes-VAE's learned bias).
         self.stream_init = nn.ParameterDict({
-            str(r): nn.Parameter(torch.zeros(1, widths[r], r, r)) for r in resolutions})
+            str(r): nn.Parameter(torch.zeros(1, widths[r], *((1, 1) if fully_convolutional
+                                                             else (r, r))))
+            for r in resolutions})
+        # A fully convolutional decoder upsamples a coarser stream by a learned 1x1 convolution
+        # to factor^2 times the channels and a pixel shuffle, starting as nearest-neighbour.
+        self.upsamplers = nn.ModuleDict({
+            str(index): _upsampler(widths[spec.mixin], widths[spec.resolution],
+                                   spec.resolution // spec.mixin)
+            for index, spec in enumerate(specs) if fully_convolutional and spec.mixin})
         self.out_gain = nn.Parameter(torch.ones(1, widths[image_size], 1, 1))
         self.out_bias = nn.Parameter(torch.zeros(1, widths[image_size], 1, 1))
 
@@ -212,15 +250,17 @@ class Decoder(nn.Module):
                 noise: NoiseShard | None = None) -> dict:
         """Inference: every z_i ~ q(z_i | z_<i, x), and the KL of each group."""
         batch = next(iter(encoder_activations.values())).shape[0]
+        grid = tuple(encoder_activations[self.image_size].shape[-2:])
         return self._top_down(batch, self.encoder_terms(encoder_activations), [], 1.0,
-                              condition, noise, None)
+                              condition, noise, None, grid)
 
     def sample(self, n: int, temperature: float = 1.0,
                condition: dict[int, torch.Tensor] | None = None,
-               noise: NoiseShard | None = None) -> dict:
+               noise: NoiseShard | None = None, grid: tuple[int, int] | None = None) -> dict:
         """An unconditional draw of n images' latents from the prior at `temperature` (its
-        mean at 0)."""
-        return self._top_down(n, None, [], temperature, condition, noise, None)
+        mean at 0); `grid` is the finest resolution's (height, width) (a fully convolutional
+        decoder's image size over the patch size; else the training size)."""
+        return self._top_down(n, None, [], temperature, condition, noise, None, grid)
 
     def decode_latents(self, latents: list[torch.Tensor], temperature: float = 1.0,
                        condition: dict[int, torch.Tensor] | None = None,
@@ -230,40 +270,55 @@ class Decoder(nn.Module):
         batch = latents[0].shape[0] if latents else n
         if batch is None:
             raise ValueError("decode_latents needs at least one latent group or a count n.")
-        return self._top_down(batch, None, latents, temperature, condition, noise, None)
+        grid = None
+        if latents:
+            stride = self.image_size // self.blocks[0].resolution
+            grid = (latents[0].shape[-2] * stride, latents[0].shape[-1] * stride)
+        return self._top_down(batch, None, latents, temperature, condition, noise, None, grid)
 
     def run_with_rule(self, latent_rule: Callable[[int], LatentRule],
                       encoder_activations: dict[int, torch.Tensor] | None = None,
-                      n: int | None = None) -> dict:
+                      n: int | None = None, grid: tuple[int, int] | None = None) -> dict:
         """The codec's pass: `latent_rule(i)` returns the rule that picks group i's latent
         from its prior (and, encoding, its posterior mean): with `encoder_activations` when
-        encoding, with a count `n` when decoding."""
+        encoding, with a count `n` (and the finest `grid`, see `sample`) when decoding."""
         if encoder_activations is not None:
             batch = next(iter(encoder_activations.values())).shape[0]
             terms = self.encoder_terms(encoder_activations)
+            grid = tuple(encoder_activations[self.image_size].shape[-2:])
         else:
             batch, terms = n, None
-        return self._top_down(batch, terms, [], 1.0, None, None, latent_rule)
+        return self._top_down(batch, terms, [], 1.0, None, None, latent_rule, grid)
 
     def _top_down(self, batch: int, terms: list[torch.Tensor] | None,
                   given: list[torch.Tensor], temperature: float,
                   condition: dict[int, torch.Tensor] | None, noise: NoiseShard | None,
-                  latent_rule: Callable[[int], LatentRule] | None) -> dict:
+                  latent_rule: Callable[[int], LatentRule] | None,
+                  grid: tuple[int, int] | None = None) -> dict:
         streams: dict[int, torch.Tensor] = {}
         terms = terms if terms is not None else [None] * len(self.blocks)
+        height, width = grid or (self.image_size, self.image_size)
         all_latents, kls, posteriors, priors = [], [], [], []
         for index, block in enumerate(self.blocks):
             r = block.resolution
             if r not in streams:
-                stream = self.stream_init[str(r)].expand(batch, -1, -1, -1)
+                stride = self.image_size // r
+                stream = self.stream_init[str(r)].expand(batch, -1, height // stride,
+                                                         width // stride)
                 if condition is not None:
                     stream = stream + condition[r]
                 streams[r] = stream
             stream = streams[r]
             if block.mixin is not None:
-                upsampled = F.interpolate(streams[block.mixin], scale_factor=r // block.mixin,
-                                          mode="nearest")
-                stream = stream + match_channels(upsampled, block.width)
+                upsampler = self.upsamplers[str(index)] if self.fully_convolutional else None
+                if upsampler is not None:
+                    upsampled = F.pixel_shuffle(upsampler(streams[block.mixin]),
+                                                r // block.mixin)
+                else:
+                    upsampled = match_channels(F.interpolate(
+                        streams[block.mixin], scale_factor=r // block.mixin, mode="nearest"),
+                        block.width)
+                stream = stream + upsampled
             given_latent = given[index] if index < len(given) else None
             rule = latent_rule(index) if latent_rule is not None else None
             group = run_block(block, self.checkpointing, stream, terms[index], given_latent,
@@ -312,11 +367,19 @@ class VDVAE(nn.Module):
         super().__init__()
         encoder_specs = parse_block_string(config.enc_blocks)
         decoder_specs = parse_block_string(config.dec_blocks)
-        size = config.image_size
+        patch = config.patch_size
+        if config.image_size % patch:
+            raise UserError(f"image_size {config.image_size} is not a multiple of patch_size "
+                            f"{patch}; pick a patch size that divides it.")
+        if patch > 1 and head != "linear":
+            raise UserError(f"patch_size {patch} needs the linear head (stage one); this model's "
+                            f"head is {head}, so leave patch_size at 1.")
+        size = config.image_size // patch   # the block strings count patches
+        where = f"the image size {size}" + (f" (in {patch}x{patch} patches)" if patch > 1 else "")
         if encoder_specs[0].resolution != size or decoder_specs[-1].resolution != size:
             raise UserError(
-                f"Block strings must start (enc_blocks) and end (dec_blocks) at the image size "
-                f"{size}; got enc_blocks='{config.enc_blocks}' and dec_blocks='{config.dec_blocks}'.")
+                f"Block strings must start (enc_blocks) and end (dec_blocks) at {where}; got "
+                f"enc_blocks='{config.enc_blocks}' and dec_blocks='{config.dec_blocks}'.")
         resolutions = {s.resolution for s in encoder_specs + decoder_specs}
         widths = parse_widths(config.width, config.custom_width, resolutions | {1})
         missing = {s.resolution for s in decoder_specs} - _encoder_resolutions(encoder_specs)
@@ -324,19 +387,24 @@ class VDVAE(nn.Module):
             raise UserError(f"dec_blocks uses resolutions {sorted(missing)} that enc_blocks never "
                             "produces; make the two block strings cover the same resolutions.")
         channels = config.image_channels
-        self.image_size = size
+        self.image_size = config.image_size
         self.image_channels = channels
+        self.patch_size = patch
+        self.fully_convolutional = convolutional = config.fully_convolutional
         self.conditional = conditional
         memory_saving = config.checkpoint_activations
         self.encoder = Encoder(2 * channels if conditional else channels, encoder_specs, widths,
-                               config.bottleneck_multiple, memory_saving)
+                               config.bottleneck_multiple, memory_saving, patch, convolutional)
         self.condition_encoder = (Encoder(channels, encoder_specs, widths,
-                                          config.bottleneck_multiple, memory_saving)
+                                          config.bottleneck_multiple, memory_saving, patch,
+                                          convolutional)
                                   if conditional else None)
         self.decoder = Decoder(decoder_specs, widths, config.zdim, config.bottleneck_multiple, size,
                                config.precision_weighted_merge, memory_saving,
-                               quantized=config.latents == "quantized")
-        self.head = build_head(head, widths[size], channels, config.n_mixtures)
+                               quantized=config.latents == "quantized",
+                               straight_through=config.quantized_training == "ste",
+                               fully_convolutional=convolutional)
+        self.head = build_head(head, widths[size], channels, config.n_mixtures, patch)
 
     @property
     def n_groups(self) -> int:
@@ -365,7 +433,7 @@ class VDVAE(nn.Module):
         encoder_input = x if condition_image is None else torch.cat([x, condition_image], dim=1)
         decoded = self.decoder(self.encoder(encoder_input), condition=condition, noise=noise)
         kl_per_group = [kl.flatten(1).sum(1) for kl in decoded["kl"]]
-        rate = torch.stack(kl_per_group, dim=1).sum(1) / self.dims_per_image
+        rate = torch.stack(kl_per_group, dim=1).sum(1) / x[0].numel()
         return {"output": self.head(decoded["features"]), "rate": rate, "kl": kl_per_group,
                 "latents": decoded["latents"], "posteriors": decoded["posteriors"],
                 "priors": decoded["priors"]}
@@ -418,9 +486,10 @@ def run_block(block: nn.Module, checkpointing: bool, *inputs):
     return block(*inputs)
 
 
-def build_head(kind: str, width: int, image_channels: int, n_mixtures: int) -> nn.Module:
+def build_head(kind: str, width: int, image_channels: int, n_mixtures: int,
+               patch_size: int = 1) -> nn.Module:
     if kind == "linear":
-        return LinearHead(width, image_channels)
+        return LinearHead(width, image_channels, patch_size)
     if kind == "dmol":
         from progvae.models.dmol import DmolHead
         return DmolHead(width, image_channels, n_mixtures)
@@ -434,3 +503,14 @@ def _encoder_resolutions(specs: list[BlockSpec]) -> set[int]:
         if spec.down_rate:
             resolutions.add(spec.resolution // spec.down_rate)
     return resolutions
+
+
+def _upsampler(in_width: int, out_width: int, factor: int) -> nn.Conv2d:
+    """A 1x1 convolution to out_width * factor^2 channels for a pixel shuffle by `factor`,
+    initialised so that the pair is nearest-neighbour upsampling (with `match_channels`)."""
+    layer = conv(in_width, out_width * factor ** 2, 1)
+    with torch.no_grad():
+        layer.weight.zero_()
+        for channel in range(min(in_width, out_width)):
+            layer.weight[channel * factor ** 2:(channel + 1) * factor ** 2, channel] = 1.0
+    return layer
