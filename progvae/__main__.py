@@ -176,45 +176,60 @@ def export(run: str = "", out: str = "") -> None:
 
 
 def compress(run: str = "", images: str = "", out: str = "compressed",
-             num_threads: int = 0) -> None:
-    """Compress images (a file or a folder; PNG, JPEG, BMP, any size) with a quantised stage
-    one: one OUT/NAME.pvc each, one stream per latent group, so a prefix decodes coarser.
+             quality: int | None = None, num_threads: int = 0) -> None:
+    """Compress images (a file or a folder; PNG, JPEG, BMP, any size): one OUT/NAME.pvc each,
+    one stream per latent group, so a prefix decodes coarser. --quality=1..3 picks a shipped
+    model (2 by default; 1 the smallest files); --run=RUN a quantised stage one of your own.
 
-    Example: python -m progvae compress --run=runs/codec --images=photo.jpg --out=compressed
+    Example: python -m progvae compress --images=photo.jpg --out=compressed --quality=3
     """
     from progvae.codec.files import compress_files, image_files, load_codec
+    from progvae.codec.shipped import DEFAULT_QUALITY, shipped_codec
     from progvae.core.atomic import writable_folder
 
     _set_threads(num_threads)
+    if run and quality is not None:
+        raise UserError("Pass --run=RUN (your own model) or --quality=N (a shipped one), not "
+                        "both.")
     files = image_files(images)
     target = writable_folder(out, "--out")   # before the model is loaded
-    codec = load_codec(run)
+    codec = load_codec(run) if run else shipped_codec(
+        DEFAULT_QUALITY if quality is None else quality)
     compress_files(codec, files, target)
 
 
 def decompress(run: str = "", file: str = "", out: str = "", groups: int | None = None,
                num_threads: int = 0) -> None:
-    """Decode a .pvc file to a PNG with the run that compressed it; --groups=K decodes the
-    first K latent groups only (a prefix of the file), as does a file cut short.
+    """Decode a .pvc file to a PNG: with the shipped model that wrote it (its header names
+    the model), or --run, the run that compressed it; --groups=K decodes the first K latent
+    groups only (a prefix of the file), as does a file cut short.
 
-    Example: python -m progvae decompress --run=runs/codec --file=compressed/photo.pvc
-             --out=photo.png --groups=2
+    Example: python -m progvae decompress --file=compressed/photo.pvc --out=photo.png
+             --groups=2
     """
+    from progvae.codec.coder import read_pvc
     from progvae.codec.files import decompress_file, format_decompressed, load_codec
+    from progvae.codec.shipped import codec_for_file
 
     _set_threads(num_threads)
     if groups is not None:
         check_number("--groups", groups, 0, integer=True)
-    codec = load_codec(run)
+    if run:
+        codec = load_codec(run)
+    else:
+        if not file:
+            raise UserError("Pass --file=F.pvc, a file written by `progvae compress`.")
+        codec = codec_for_file(read_pvc(file), f"'{file}'")
     print(format_decompressed(decompress_file(codec, file, out, groups)))
 
 
 def codec_eval(run: str = "", images: str = "", out: str = "", lpips_weights: str = "",
                qualities=None, num_threads: int = 0) -> None:
-    """The codec's bits per pixel against PSNR on --images for every prefix, beside JPEG and
-    WebP at --qualities: OUT/codec_rd.json and .png (OUT: the run's directory by default).
+    """The codec's bits per pixel against PSNR on --images for every prefix (of --run's model,
+    or of every shipped quality level), beside JPEG and WebP at --qualities, with the BD-rate
+    against each: OUT/codec_rd.json and .png (OUT: the run's directory by default).
 
-    Example: python -m progvae codec-eval --run=runs/codec --images=photos/
+    Example: python -m progvae codec-eval --images=photos/ --out=runs/codec_eval
     """
     from progvae.evaluation.experiments.codec_rd import codec_eval_command
 

@@ -80,7 +80,7 @@ def test_the_patches_held_out_split_is_as_detailed_as_the_training_split():
 
 
 def test_unknown_spec_lists_valid_ones():
-    with pytest.raises(UserError, match="digits, patches, folder:PATH, npz:PATH"):
+    with pytest.raises(UserError, match="digits, patches, photos, folder:PATH, npz:PATH"):
         load_data("mnist", 32)
 
 

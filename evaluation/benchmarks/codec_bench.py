@@ -13,7 +13,8 @@ from progvae.codec.coder import Codec
 
 
 def sample_photo() -> tuple[np.ndarray, str]:
-    """A full-size photograph that ships with matplotlib (512x600), never in `patches`."""
+    """A full-size photograph that ships with matplotlib (512x600), never in `patches` or in
+    the training split of `photos`."""
     import matplotlib
 
     from progvae.data.readers import read_image
@@ -54,7 +55,7 @@ def run_codec_bench(codec: Codec, n_small: int = 32, repeats: int = 3, photo_sid
     megapixels = photo.shape[0] * photo.shape[1] / 1e6
     small_bits = sum(8 * len(item.data) for item in encoded) / (n_small * size * size)
     return {
-        "tile": size, "groups": codec.n_groups, "small_images": n_small, "repeats": repeats,
+        "tile": size, "whole": codec.whole, "groups": codec.n_groups, "small_images": n_small, "repeats": repeats,
         "encode_images_per_s": n_small / median["small_encode"],
         "decode_images_per_s": n_small / median["small_decode"],
         "small_bits_per_pixel": small_bits,
@@ -68,8 +69,9 @@ def run_codec_bench(codec: Codec, n_small: int = 32, repeats: int = 3, photo_sid
 def format_codec_bench(result: dict) -> str:
     width, height = result["photo_size"]
     return "\n".join([
-        f"codec: {result['groups']} groups, tiles of {result['tile']} pixels "
-        f"(median of {result['repeats']} rounds)",
+        f"codec: {result['groups']} groups, " + (
+            f"whole images padded to multiples of {result['tile']} pixels" if result["whole"]
+            else f"tiles of {result['tile']} pixels") + f" (median of {result['repeats']} rounds)",
         f"  {result['small_images']} images of {result['tile']}x{result['tile']}: encode "
         f"{result['encode_images_per_s']:.1f} images/s, decode "
         f"{result['decode_images_per_s']:.1f} images/s ({result['small_bits_per_pixel']:.3f} "

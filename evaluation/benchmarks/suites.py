@@ -5,7 +5,7 @@ command and its error message know the same names.
 | ------- | ------------------------------------------------------------ | ----------------- |
 | `step`  | one training step of a preset: images/s, FLOPs, memory, sampling and the data path (the default) | bench.json |
 | `gpu`   | the whole GPU check: svhn in fp32, TF32 and bf16 + compile, pipeline samples | bench_gpu.json |
-| `codec` | `compress` and `decompress` speed of a quantised stage one  | bench_codec.json  |
+| `codec` | `compress` and `decompress` speed of the shipped codec (or --run, or --config) | bench_codec.json |
 """
 
 from __future__ import annotations
@@ -47,22 +47,26 @@ def gpu_suite(steps: int = 20, warmup: int = 5, out: str = "", **_unused) -> str
 
 def codec_suite(config: str = "tiny", run: str = "", out: str = "",
                 overrides: dict | None = None, **_unused) -> str:
-    """Coding speed of the model in `run`, or of an untrained model of the preset `config`
-    (codec32 unless another is named): the work does not depend on the weights."""
+    """Coding speed of the model in `run`, of an untrained model of a named preset (the work
+    does not depend on the weights), or else of the shipped default --quality model."""
     from progvae.codec.coder import Codec
     from progvae.codec.files import load_codec
+    from progvae.codec.shipped import DEFAULT_QUALITY, shipped_codec
     from progvae.evaluation.benchmarks.codec_bench import format_codec_bench, run_codec_bench
     from progvae.runs.kinds import KINDS
 
     if run:
-        codec = load_codec(run)
+        codec, source = load_codec(run), run
+    elif config != "tiny":
+        settings = load_config(config, {**(overrides or {}), "latents": "quantized"})
+        codec = Codec(KINDS["stage1"].build(settings).eval(), f"the {config} preset")
+        source = f"the {config} preset, untrained"
     else:
-        preset = "codec32" if config == "tiny" else config
-        settings = load_config(preset, {**(overrides or {}), "latents": "quantized"})
-        codec = Codec(KINDS["stage1"].build(settings).eval(), f"the {preset} preset")
+        codec = shipped_codec(DEFAULT_QUALITY)
+        source = f"the shipped quality {DEFAULT_QUALITY} model"
     result = run_codec_bench(codec)
     path = out or "bench_codec.json"
-    write_result({"run": run, **result}, path)
+    write_result({"run": run, "model": source, **result}, path)
     return f"{format_codec_bench(result)}\nWrote {path}."
 
 

@@ -15,8 +15,9 @@ from progvae.data.images import save_png
 from progvae.data.readers import IMAGE_EXTENSIONS, list_images, read_image
 
 
-def load_codec(run: str) -> Codec:
-    """The codec of a trained run (a directory or an exported file)."""
+def load_codec(run: str, name: str = "") -> Codec:
+    """The codec of a trained run (a directory or an exported file); `name` is how messages
+    call it (the run's path by default)."""
     from progvae.runs.load import load_model
 
     if not run:
@@ -25,7 +26,7 @@ def load_codec(run: str) -> Codec:
     _, model, _ = load_model(run)
     # The codec computes in the default layout whatever the run trained in, so a file
     # decodes with exactly the arithmetic that encoded it.
-    return Codec(model.to(memory_format=torch.contiguous_format), f"'{run}'")
+    return Codec(model.to(memory_format=torch.contiguous_format), name or f"'{run}'")
 
 
 def image_files(images: str) -> list[Path]:

@@ -95,6 +95,9 @@ class Config:
     ema_rate: float = option(0.9999, "EMA of the parameters, used for evaluation and sampling",
                              minimum=0, maximum=1)
     steps: int = option(800_000, "optimizer updates (paper: 800K)", minimum=1)
+    init_from: str = option("", "a run directory or exported model (.safetensors) whose EMA "
+                            "weights a new run starts from (fine-tuning; the architecture must "
+                            "match); a resumed run continues from its own checkpoint")
     seed: int = option(0, "seed of the initial weights, the data order and the noise")
 
     # --- stage-one constraint (paper 003 A.5, paper 002 B.2) ----------------------------------

@@ -103,7 +103,8 @@ def load_data(spec: str, image_size: int, resize: bool = False, *,
         return _load_patches(image_size)
     if spec == "photos":
         from progvae.data.photos import load_photos
-        return load_photos(image_size)
+        train, test = load_photos(image_size)
+        return ImageData(train=train, test=test, name="photos")
     prefix, _, path_text = spec.partition(":")
     if prefix not in PATH_HINTS:
         raise UserError(f"Unknown dataset {spec!r}; pass --data as one of {VALID_SPECS}.")

@@ -23,6 +23,7 @@ from torch import nn
 
 from progvae.core.atomic import atomic_write_json, flag_non_finite
 from progvae.core.config import Config
+from progvae.core.errors import UserError
 from progvae.data.images import grid_canvas, rows_canvas, save_labelled, save_png
 from progvae.data.loading import ImageData, to_model_input, to_uint8_images
 from progvae.runs.curves import write_curves
@@ -67,9 +68,29 @@ def train_run(kind: RunKind, config: Config, out: str | Path, parts: StageParts,
         prepared.close()   # the run directory's lock
 
 
+def start_from(model: nn.Module, config: Config, source: str) -> None:
+    """Load the EMA weights of `source` (a run or an exported model) into a new run's model,
+    whose architecture must match (--init_from)."""
+    from progvae.core.config import ARCHITECTURE_FIELDS
+    from progvae.runs.load import load_model
+
+    source_config, trained, _ = load_model(source)
+    differing = [name for name in ARCHITECTURE_FIELDS if name != "image_size"
+                 and getattr(source_config, name) != getattr(config, name)]
+    weights, expected = trained.state_dict(), model.state_dict()
+    if differing or set(weights) != set(expected) or any(
+            value.shape != expected[name].shape for name, value in weights.items()):
+        name = differing[0] if differing else "its layers"
+        raise UserError(f"--init_from '{source}' has another architecture ({name} differs); "
+                        "start from a model of the same architecture, or leave init_from empty.")
+    model.load_state_dict(weights)
+
+
 def _train(kind: RunKind, prepared: PreparedRun, parts: StageParts) -> tuple[dict, Trainer]:
     config, data, run_dir = prepared.config, prepared.data, prepared.run_dir
     model = kind.build(config)
+    if config.init_from and prepared.resume_state is None:
+        start_from(model, config, config.init_from)
     if parts.prepare_model is not None:   # before the optimizer and DDP see the parameters
         parts.prepare_model(model, data)
     trainer = Trainer(model, parts.objective, config, data, run_dir, kind.name, parts.quiet)
