@@ -23,6 +23,11 @@ from progvae.__main__ import main
 
 QUICK = ["--steps=2", "--log_every=1", "--checkpoint_every=0", "--n_grid=4", "--quiet=True"]
 STAGE1 = ["stage1", "--config=digits", "--distortion_target=0.02", *QUICK]
+# a run that keeps its checkpoints (checkpoints/step_*.pt), and a kept one
+KEEPING = ["stage1", "--config=digits", "--distortion_target=0.02", "--steps=2",
+           "--log_every=1", "--checkpoint_every=1", "--keep_checkpoints=2", "--n_grid=4",
+           "--eval_every=1", "--quiet=True"]
+KEPT_FILE = "checkpoints/step_00000001.pt"
 
 # (what is wrong, the command with {run} = a finished stage-one run and {tmp} = a scratch
 # folder, a word the sentence must contain)
@@ -285,7 +290,8 @@ DAMAGES = {
 }
 HAND_EDITS = {"checkpoint.pt": ("step", "many"), "config.json": ("width", "wide"),
               "summary.json": ("mse", "low"),
-              "eval.json": ("elbo", "high"), "metrics.jsonl": ("step", "first")}
+              "eval.json": ("elbo", "high"), "metrics.jsonl": ("step", "first"),
+              "heldout.jsonl": ("mse", "low"), KEPT_FILE: ("step", "many")}
 # (file, command with {run} = the damaged copy and {tmp} = a scratch folder, damages after
 # which the command may carry on)
 READERS = [
@@ -309,9 +315,12 @@ READERS = [
      ("empty", "truncated", "not UTF-8", "wrong type", "hand-edited")),
     ("eval.json", ["evaluate", "--run={run}", "--metrics=mse"], ("missing",)),
     ("eval.json", ["report", "--runs={run}", "--out={tmp}/report"], ("missing",)),
+    # the held-out log is drawn where readable, like metrics.jsonl
+    ("heldout.jsonl", ["plot", "--run={run}", "--out={tmp}/c.png"], tuple(DAMAGES)),
+    (KEPT_FILE, [*KEEPING, "--out={run}", "--resume_from=1"], ()),
 ]
 # The default suite damages each file under its first reader above; `-m slow` adds the rest
-# of the matrix (60 cases, about 12 s).
+# of the matrix (about 100 cases, about 25 s).
 FIRST_READERS = {file: argv for file, argv, _ in reversed(READERS)}
 DAMAGED = [pytest.param(file, how, argv, how in optional, id=f"{file} {how}: {argv[0]}",
                         marks=() if FIRST_READERS[file] is argv else pytest.mark.slow)
@@ -338,14 +347,14 @@ def damage(run: Path, file: str, how: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def evaluated_run(scratch, tmp_path_factory) -> Path:
-    """The finished stage-one run with an eval.json, the original every damaged copy starts
-    from."""
-    run, _ = scratch
+def evaluated_run(tmp_path_factory) -> Path:
+    """A finished stage-one run with an eval.json, a heldout.jsonl and kept checkpoints, the
+    original every damaged copy starts from."""
     original = tmp_path_factory.mktemp("evaluated") / "run"
-    shutil.copytree(run, original)
     with contextlib.redirect_stdout(io.StringIO()):
+        main([*KEEPING, f"--out={original}"])
         main(["evaluate", f"--run={original}", "--metrics=mse"])
+    assert (original / "heldout.jsonl").is_file() and (original / KEPT_FILE).is_file()
     return original
 
 
