@@ -21,7 +21,7 @@ from pathlib import Path
 
 from progvae.core.atomic import atomic_path, atomic_write_json, atomic_write_text, writable_output
 from progvae.core.errors import UserError
-from progvae.core.untrusted import read_json
+from progvae.core.untrusted import read_json, read_text
 from progvae.evaluation.metrics.evaluate import read_eval
 from progvae.runs.curves import write_curves
 from progvae.runs.directory import recorded_kind
@@ -37,7 +37,7 @@ def read_run(path: Path) -> dict:
     if (path / "table.json").is_file() and not (path / "config.json").is_file():
         return {"path": path, "kind": EXPERIMENT,
                 "table": read_json(path / "table.json"),
-                "table_md": (path / "table.md").read_text() if (path / "table.md").is_file()
+                "table_md": read_text(path / "table.md") if (path / "table.md").is_file()
                 else ""}
     if not (path / "config.json").is_file():
         raise UserError(f"'{path}' holds no config.json (nor a progressive table.json); pass "

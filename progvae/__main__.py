@@ -184,17 +184,18 @@ def compress(run: str = "", images: str = "", out: str = "compressed",
     Example: python -m progvae compress --images=photo.jpg --out=compressed --quality=3
     """
     from progvae.codec.files import compress_files, image_files, load_codec
-    from progvae.codec.shipped import DEFAULT_QUALITY, shipped_codec
+    from progvae.codec.shipped import DEFAULT_QUALITY, shipped_path
     from progvae.core.atomic import writable_folder
 
     _set_threads(num_threads)
     if run and quality is not None:
         raise UserError("Pass --run=RUN (your own model) or --quality=N (a shipped one), not "
                         "both.")
+    quality = DEFAULT_QUALITY if quality is None else quality
+    model = run or str(shipped_path(quality))   # a bad --quality is named before anything
     files = image_files(images)
     target = writable_folder(out, "--out")   # before the model is loaded
-    codec = load_codec(run) if run else shipped_codec(
-        DEFAULT_QUALITY if quality is None else quality)
+    codec = load_codec(model, "" if run else f"the shipped quality {quality} model")
     compress_files(codec, files, target)
 
 

@@ -165,7 +165,18 @@ CASES = [
      "one of step, gpu, codec"),
     ("a stray word where a number goes", ["sample", "stray", "--run={run}", "--out={tmp}/s.png"],
      "Unexpected argument 'stray'"),
-    ("bench: unknown model", ["bench", "--model=nosuch", "--out={tmp}/b.json"], "nosuch"),
+    ("bench: unknown model", ["bench", "--model=nosuch", "--out={tmp}/b.json"],
+     "one of stage1, stage2, joint, vdvae"),
+    ("evaluate: unknown split", ["evaluate", "--run={run}", "--split=valid"],
+     "one of test, train"),
+    ("compress: no such quality", ["compress", "--images={run}/samples.png", "--out={tmp}/c",
+                                   "--quality=9"], "one of 1, 2, 3"),
+    ("a preset that is not UTF-8", [*STAGE1, "--config={tmp}/latin1.json", "--out={tmp}/o"],
+     "latin1.json' is not UTF-8"),
+    ("report: a progressive table.md that is not UTF-8",
+     ["report", "--runs={tmp}/progressive", "--out={tmp}/report"], "table.md' is not UTF-8"),
+    ("data: unknown dataset", ["data", "--data=mnist", "--out={tmp}/p.png"],
+     "one of digits, patches, photos, folder:PATH"),
 ]
 
 
@@ -174,6 +185,10 @@ def make_scratch(tmp: Path, run: Path) -> None:
     (tmp / "list.json").write_text("[1, 2]")
     (tmp / "infinite.json").write_text('{"distortion_target": Infinity}')
     (tmp / "broken.json").write_text('{"steps": ')
+    (tmp / "latin1.json").write_bytes('{"data": "caf\xe9"}'.encode("latin-1"))
+    (tmp / "progressive").mkdir()   # a progressive experiment's folder, its table.md damaged
+    (tmp / "progressive" / "table.json").write_text('{"data": "patches", "R_K": 0.006}')
+    (tmp / "progressive" / "table.md").write_bytes(b"\xff\xfe| R_K |")
     (tmp / "empty").mkdir()
     loop = tmp / "loop"
     (loop / "inner").mkdir(parents=True)

@@ -39,6 +39,7 @@ from progvae.training import dist
 from progvae.training.dist import default_device
 
 METRICS = ("elbo", "mse", "fid", "fid_digits", "lpips")
+SPLITS = {"test": lambda data: data.test, "train": lambda data: data.train}   # --split
 DEFAULT_METRICS = ("elbo", "mse", "fid", "lpips")
 DIGITS_DEFAULT_METRICS = ("elbo", "mse", "fid_digits")   # Inception means little on digits
 
@@ -87,8 +88,8 @@ def evaluate_run(run: str | Path, data_spec: str = "", metrics=None, split: str 
     they equal the run's summary.json on the same checkpoint. Under torchrun
     the held-out images, the samples and the LPIPS pairs are split between the ranks and
     their sums (or, for FID, their features) gathered; rank 0 writes eval.json."""
-    if split not in ("test", "train"):
-        raise UserError(f"--split must be test or train, got '{split}'.")
+    if split not in SPLITS:
+        raise UserError(f"--split must be one of {', '.join(SPLITS)}, got '{split}'.")
     for name, value, smallest in (("n_samples", n_samples, 1), ("iw_samples", iw_samples, 0),
                                   ("batch_size", 1 if batch_size is None else batch_size, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < smallest:
@@ -128,7 +129,7 @@ def evaluate_run(run: str | Path, data_spec: str = "", metrics=None, split: str 
                         f"{config.image_channels} channel(s) but --data={data.name} does not; pass "
                         "the data it was trained on.")
 
-    images = data.test if split == "test" else data.train
+    images = SPLITS[split](data)
     if len(images) < dist.world_size():
         raise UserError(f"The {split} split has {len(images)} images, fewer than the "
                         f"{dist.world_size()} processes; run with fewer processes.")

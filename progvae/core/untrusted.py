@@ -68,12 +68,10 @@ MAX_JSON_BYTES = 64 << 20   # a run's JSON files are kilobytes; a larger one is 
 RESTORE = "restore it (or run the command that writes it again), or pass another run"
 
 
-def read_json(path: str | Path, fields: dict[str, type] | None = None,
-              fix: str = RESTORE) -> dict:
-    """The JSON object in `path`, a file progvae wrote earlier (config.json, summary.json,
-    eval.json, table.json, a manifest). A file that is missing, empty, larger than
-    MAX_JSON_BYTES, not UTF-8, cut short, not JSON, not an object, or whose `fields` (name:
-    type) are absent or of another type, is one sentence naming the file and `fix`."""
+def read_text(path: str | Path, fix: str = RESTORE) -> str:
+    """The UTF-8 text of `path`, a file progvae wrote earlier or a preset: missing, a folder,
+    unreadable, larger than MAX_JSON_BYTES or not UTF-8 is one sentence naming the file and
+    `fix`."""
     path = Path(path)
     where = f"'{path}'"
     try:
@@ -88,12 +86,23 @@ def read_json(path: str | Path, fields: dict[str, type] | None = None,
         raise UserError(f"{where} is a folder, not a file; {fix}.") from None
     except OSError as error:
         raise UserError(f"{where} cannot be read ({error.strerror}); {fix}.") from None
-    if not raw.strip():
-        raise UserError(f"{where} is empty; {fix}.")
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError:
         raise UserError(f"{where} is not UTF-8 text; {fix}.") from None
+
+
+def read_json(path: str | Path, fields: dict[str, type] | None = None,
+              fix: str = RESTORE) -> dict:
+    """The JSON object in `path`, a file progvae wrote earlier (config.json, summary.json,
+    eval.json, table.json, a manifest). A file that is missing, empty, larger than
+    MAX_JSON_BYTES, not UTF-8, cut short, not JSON, not an object, or whose `fields` (name:
+    type) are absent or of another type, is one sentence naming the file and `fix`."""
+    path = Path(path)
+    where = f"'{path}'"
+    text = read_text(path, fix)
+    if not text.strip():
+        raise UserError(f"{where} is empty; {fix}.")
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:

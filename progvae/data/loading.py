@@ -37,8 +37,7 @@ from progvae.data.cache import CacheEntry, load_cached
 from progvae.data.readers import (SPLIT_SEED, celeba_recipe, cifar10_recipe, folder_recipe,
                                   imagenet_recipe, list_images, lsun_recipe, svhn_recipe)
 
-VALID_SPECS = ("digits, patches, photos, folder:PATH, npz:PATH, svhn:DIR, celeba:DIR, lsun:DIR, "
-               "cifar10:PATH, imagenet32:DIR, imagenet64:DIR")
+BUILT_IN = ("digits", "patches", "photos")   # the datasets `load_data` makes itself
 PATH_HINTS = {  # what each on-disk spec's path names, for the message when it is left out
     "folder": "a folder of images",
     "npz": "a .npz file with train and test arrays",
@@ -51,6 +50,10 @@ PATH_HINTS = {  # what each on-disk spec's path names, for the message when it i
     "imagenet64": "the folder holding imagenet64-train.npy and imagenet64-valid.npy (or the "
                   "official .npz batches)",
 }
+# Every spec `load_data` dispatches on, as error messages list them.
+VALID_SPECS = ", ".join([*BUILT_IN, *(
+    f"{prefix}:{'PATH' if prefix in ('folder', 'npz', 'cifar10') else 'DIR'}"
+    for prefix in PATH_HINTS)])
 NATURAL_SIZES = {"digits": 16, "patches": 32, "photos": 64, "svhn": 32, "celeba": 64, "lsun": 64,
                  "cifar10": 32, "imagenet32": 32, "imagenet64": 64}
 PATCHES_SEED = 4321  # fixes the crop positions and flips of `patches`
@@ -97,14 +100,9 @@ def load_data(spec: str, image_size: int, resize: bool = False, *,
     if not isinstance(image_size, (int, np.integer)) or isinstance(image_size, bool) or image_size < 1:
         raise UserError(f"image_size must be a positive integer, got {image_size!r}; pass e.g. --image_size=32.")
     image_size = int(image_size)
-    if spec == "digits":
-        return _load_digits(image_size)
-    if spec == "patches":
-        return _load_patches(image_size)
-    if spec == "photos":
-        from progvae.data.photos import load_photos
-        train, test = load_photos(image_size)
-        return ImageData(train=train, test=test, name="photos")
+    if spec in BUILT_IN:
+        return {"digits": _load_digits, "patches": _load_patches,
+                "photos": _load_photos}[spec](image_size)
     prefix, _, path_text = spec.partition(":")
     if prefix not in PATH_HINTS:
         raise UserError(f"Unknown dataset {spec!r}; pass --data as one of {VALID_SPECS}.")
@@ -284,6 +282,13 @@ def _load_digits(image_size: int) -> ImageData:
     order = np.random.default_rng(SPLIT_SEED).permutation(len(images))
     train, test = images[order[:-DIGITS_TEST_SIZE]], images[order[-DIGITS_TEST_SIZE:]]
     return ImageData(train=train, test=test, name="digits")
+
+
+def _load_photos(image_size: int) -> ImageData:
+    from progvae.data.photos import load_photos
+
+    train, test = load_photos(image_size)
+    return ImageData(train=train, test=test, name="photos")
 
 
 def _load_patches(image_size: int) -> ImageData:
