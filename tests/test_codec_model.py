@@ -171,3 +171,21 @@ def test_bd_rate_of_a_curve_needing_a_fifth_fewer_bits_is_minus_twenty_percent()
 def test_bd_rate_is_none_without_a_shared_psnr_range():
     assert bd_rate(ANCHOR, [(3.0, 40.0), (4.0, 42.0)]) is None
     assert bd_rate(ANCHOR, [(1.0, 30.0)]) is None
+
+
+@pytest.mark.slow   # three short trainings side by side, about 45 s on 2 cores
+def test_the_weights_recipe_trains_every_level_for_its_budget_and_exports_half_precision(
+        tmp_path):
+    from safetensors import safe_open
+
+    from progvae.codec.files import load_codec
+    from progvae.evaluation.experiments.codec_weights import make_weights
+    summaries = make_weights(tmp_path, minutes=0.2, threads=1, init_from_shipped=True)
+    assert sorted(summaries) == sorted(QUALITY_TARGETS)
+    for quality, summary in summaries.items():
+        path = tmp_path / f"quality_{quality}.safetensors"
+        with safe_open(str(path), "pt") as weights:
+            assert weights.get_tensor(next(iter(weights.keys()))).dtype == torch.float16
+        assert summary["steps"] >= 1
+        encoded = load_codec(str(path)).compress(sample_photo()[0][:64, :64])
+        assert len(encoded.data) > 0

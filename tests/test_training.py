@@ -137,6 +137,21 @@ def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once(tmp_path):
     assert [line["step"] for line in metrics_without_time(out)] == [2, 4, 6, 8]
 
 
+def test_a_run_stopped_before_its_first_log_line_finishes_at_the_step_it_reached(tmp_path):
+    """What `codec_weights` does with a wall-clock budget: SIGTERM, then --steps=the step
+    reached, which evaluates and writes summary.json (it ended in "has no metrics.jsonl")."""
+    out = tmp_path / "stopped"
+    args = [sys.executable, "-m", "progvae", *RESUME_ARGS[:3], *SMALL, "--n_grid=4",
+            "--log_every=50", "--checkpoint_every=0", "--quiet=True", f"--out={out}"]
+    stopped = subprocess.run([*args, "--steps=100"], capture_output=True, timeout=600,
+                             env={**os.environ, "PROGVAE_TEST_KILL_AT": "3",
+                                  "PROGVAE_TEST_SIGNAL": "TERM"})
+    assert stopped.returncode == 143 and not (out / "metrics.jsonl").exists()
+    finished = subprocess.run([*args, "--steps=3"], capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
 @pytest.mark.slow   # end to end, about 16 s on 2 cores: keeps the default suite under 6 min
 def test_a_torn_log_line_and_stale_temporary_files_are_cleaned_up_on_resume(tmp_path):
     out = tmp_path / "torn"

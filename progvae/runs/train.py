@@ -124,7 +124,8 @@ def _train(kind: RunKind, prepared: PreparedRun, parts: StageParts) -> tuple[dic
             if trainer.step > trainer.resumed_at:   # a finished run re-run logs nothing new
                 trainer.log.scalars("heldout", trainer.step, heldout)
                 trainer.log.images(trainer.step, pictures)
-            write_curves(run_dir, final=heldout)
+            if (run_dir / "metrics.jsonl").is_file():   # none if stopped before a log line
+                write_curves(run_dir, final=heldout)
         dist.barrier()
     finally:
         trainer.log.close()

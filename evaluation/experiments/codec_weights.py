@@ -1,0 +1,104 @@
+"""Make the codec's shipped weights: every `--quality` level's stage one of the `codec` preset,
+trained side by side for a wall-clock budget, then exported in float16 as
+OUT/quality_N.safetensors, the files progvae/codec/weights/ ships (see its MODEL_CARD.md).
+
+    python -m progvae.evaluation.experiments.codec_weights --out=weights --minutes=8 \\
+        --batch_size=256 [--init_from_shipped]
+
+Each level is `python -m progvae stage1 --config=codec --distortion_target=T` in OUT/runs/
+quality_N, stopped by SIGTERM when the budget is spent (a clean stop with a checkpoint), then
+finished at the step it reached (`--steps=STEP`: the held-out evaluation and summary.json) and
+exported. With --init_from_shipped each level starts from the weights that ship now
+(`--init_from`), so a short GPU lease adds to the training before it instead of restarting it.
+Running it again on the same OUT continues the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from progvae.codec.shipped import QUALITY_TARGETS, shipped_path
+from progvae.core.untrusted import load_checkpoint
+
+
+def stage1_command(quality: int, run: Path, batch_size: int, init_from_shipped: bool,
+                   threads: int, steps: int) -> list[str]:
+    command = [sys.executable, "-m", "progvae", "stage1", "--config=codec",
+               f"--distortion_target={QUALITY_TARGETS[quality]}", f"--batch_size={batch_size}",
+               "--eval_every=0", "--checkpoint_every=1000", "--tensorboard=false",
+               f"--num_threads={threads}", "--quiet=True", f"--out={run}", f"--steps={steps}"]
+    if init_from_shipped:
+        command.append(f"--init_from={shipped_path(quality)}")
+    return command
+
+
+def make_weights(out: Path, minutes: float, batch_size: int = 64, init_from_shipped: bool = False,
+                 threads: int = 2, steps: int = 1_000_000) -> dict:
+    """Train every level for `minutes` of wall time side by side, finish and export them;
+    returns {quality: summary.json of its run}."""
+    out.mkdir(parents=True, exist_ok=True)
+    runs = {quality: out / "runs" / f"quality_{quality}" for quality in QUALITY_TARGETS}
+    logs = {quality: open(out / f"quality_{quality}.log", "a") for quality in QUALITY_TARGETS}
+    processes = {quality: subprocess.Popen(
+        stage1_command(quality, run, batch_size, init_from_shipped, threads, steps),
+        stdout=logs[quality], stderr=subprocess.STDOUT) for quality, run in runs.items()}
+    deadline = time.monotonic() + 60 * minutes
+    while any(p.poll() is None for p in processes.values()) and time.monotonic() < deadline:
+        time.sleep(1)
+    for process in processes.values():
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)   # a clean stop after the current update
+    for process in processes.values():
+        process.wait()
+    summaries = {}
+    for quality, run in runs.items():
+        reached = load_checkpoint(run / "checkpoint.pt")["step"]
+        finish = stage1_command(quality, run, batch_size, False, threads, reached)
+        subprocess.run(finish, stdout=logs[quality], stderr=subprocess.STDOUT, check=True)
+        export_half(run, out / f"quality_{quality}.safetensors")
+        summaries[quality] = json.loads((run / "summary.json").read_text())
+        logs[quality].close()
+    return summaries
+
+
+def export_half(run: Path, target: Path) -> None:
+    """`progvae export` of the run, its weights stored in float16 (half the size; the codec
+    computes in float32)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    full = target.with_suffix(".float32.safetensors")
+    subprocess.run([sys.executable, "-m", "progvae", "export", f"--run={run}", f"--out={full}"],
+                   check=True, stdout=subprocess.DEVNULL)
+    with safe_open(str(full), "pt") as exported:
+        metadata = exported.metadata()
+        tensors = {name: exported.get_tensor(name) for name in exported.keys()}
+    save_file({name: value.half() if value.is_floating_point() else value
+               for name, value in tensors.items()}, str(target), metadata=metadata)
+    full.unlink()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="where the weights and runs go")
+    parser.add_argument("--minutes", type=float, required=True, help="wall-clock training budget")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads per run")
+    parser.add_argument("--init_from_shipped", action="store_true",
+                        help="start every level from the weights that ship now")
+    args = parser.parse_args(argv)
+    summaries = make_weights(Path(args.out), args.minutes, args.batch_size,
+                             args.init_from_shipped, args.threads)
+    for quality, summary in summaries.items():
+        print(f"quality {quality}: {summary['steps']} steps, held-out {summary['psnr']:.2f} dB at "
+              f"{summary['rate']:.4f} nats/dim -> {args.out}/quality_{quality}.safetensors")
+
+
+if __name__ == "__main__":
+    main()
