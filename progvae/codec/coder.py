@@ -132,7 +132,11 @@ class Codec:
                             "--config=codec32).")
         self.source = source
         self.model_hash = weights_hash(model)
-        self.network = copy.deepcopy(model).float().eval().requires_grad_(False)
+        # float32 in the channels-last layout (oneDNN's fastest on the CPU: 1.51 against 1.22
+        # megapixels/s encoding grace_hopper), whatever layout the run trained in, so a file
+        # decodes with exactly the arithmetic that encoded it.
+        self.network = copy.deepcopy(model).float().eval().requires_grad_(False).to(
+            memory_format=torch.channels_last)
         self.whole = getattr(model, "fully_convolutional", False)
         self.patch = getattr(model, "patch_size", 1)
         # A whole image is padded to a multiple of the coarsest group's stride; tiles are the

@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from progvae.codec.coder import Codec, prefix_bytes, read_pvc
 from progvae.core.atomic import atomic_write_bytes, writable_folder, writable_output
@@ -24,9 +23,7 @@ def load_codec(run: str, name: str = "") -> Codec:
         raise UserError("Pass --run=RUN, a stage one trained with --latents=quantized (a run "
                         "directory or an exported model).")
     _, model, _ = load_model(run)
-    # The codec computes in the default layout whatever the run trained in, so a file
-    # decodes with exactly the arithmetic that encoded it.
-    return Codec(model.to(memory_format=torch.contiguous_format), name or f"'{run}'")
+    return Codec(model, name or f"'{run}'")   # which picks its own layout and precision
 
 
 def image_files(images: str) -> list[Path]:
