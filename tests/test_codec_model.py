@@ -4,15 +4,13 @@ photographs, ships three quality levels that work with no --run, and is scored b
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 
 import numpy as np
 import pytest
 import torch
+from test_codec import _run  # the command line in this process: (exit status, stdout, stderr)
 
-from progvae.__main__ import main
 from progvae.codec.shipped import QUALITY_TARGETS, shipped_codec, shipped_path
 from progvae.core.config import load_config
 from progvae.evaluation.benchmarks.codec_bench import sample_photo
@@ -21,17 +19,6 @@ from progvae.models.vdvae import VDVAE
 
 SMALL_CODEC = {"image_channels": 3, "width": 16, "zdim": 4, "image_size": 32,
                "enc_blocks": "8x1,8d2,4d2,2x1", "dec_blocks": "2x1,4m2,8m4"}
-
-
-def _run(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(argv)
-        except SystemExit as stop:
-            code = stop.code
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
