@@ -113,3 +113,15 @@ def test_non_finite_numbers_are_refused(value):
 def test_an_unknown_field_is_refused_naming_it(name):
     with pytest.raises(UserError, match="Unknown config field"):
         load_config("digits", {name: 1})
+
+
+def test_learning_rate_warms_up_then_drops_to_a_tenth_for_the_last_lr_decay_steps():
+    from progvae.training.updates import learning_rate
+
+    config = Config(lr=1e-3, warmup_steps=10, steps=100, lr_decay_steps=20)
+    rates = [learning_rate(config, step) for step in range(100)]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
+    assert rates[79] == pytest.approx(1e-3)
+    assert rates[80] == pytest.approx(1e-4) and rates[99] == pytest.approx(1e-4)
+    no_decay = Config(lr=1e-3, steps=100)
+    assert {learning_rate(no_decay, step) for step in range(100)} == {1e-3}

@@ -7,7 +7,8 @@ import torch
 
 from progvae.core.errors import UserError
 from progvae.data.images import save_grid, save_rows
-from progvae.data.loading import BatchSampler, ImageData, load_data, to_model_input, to_uint8_images
+from progvae.data.loading import (BatchSampler, ImageData, augment_batch, load_data, to_model_input,
+                                  to_uint8_images)
 
 
 @pytest.fixture(autouse=True)
@@ -244,6 +245,40 @@ def test_sampler_resume_continues_identical_sequence():
     seen += [resumed.next_indices() for _ in range(6)]
     for got, want in zip(seen, expected):
         np.testing.assert_array_equal(got, want)
+
+
+def test_channel_augmentation_reorders_each_images_colours_and_resumes_identically():
+    """--augment=channels: every image keeps its pixels, its colour channels in one of the six
+    orders; the draws depend only on the seed and the batch's place, so a resumed sampler
+    augments its batches exactly as the uninterrupted one did."""
+    images = torch.arange(3, dtype=torch.uint8).reshape(1, 1, 1, 3).repeat(32, 4, 4, 1)
+    images[:, 0, 0] += torch.arange(32, dtype=torch.uint8)[:, None] * 3   # tell images apart
+    sampler = BatchSampler(n=32, batch_size=32, seed=0)
+    sampler.next_indices()
+    out = augment_batch(images, "channels", sampler.batch_generator())
+    assert torch.equal(augment_batch(images, "none", sampler.batch_generator()), images)
+    orders = set()
+    for before, after in zip(images, out):
+        order = tuple(int(after[1, 1, c]) for c in range(3))
+        assert sorted(order) == [0, 1, 2]
+        assert torch.equal(after, before[..., list(order)])
+        orders.add(order)
+    assert len(orders) > 2
+
+    def draws(sampler, batches):
+        return [(sampler.next_indices(), sampler.batch_generator().integers(0, 6, size=5))
+                for _ in range(batches)]
+
+    expected = draws(BatchSampler(n=23, batch_size=5, seed=3), 12)
+    first = BatchSampler(n=23, batch_size=5, seed=3)
+    seen = draws(first, 6)
+    resumed = BatchSampler(n=23, batch_size=5, seed=3)
+    resumed.load_state_dict(first.state_dict())
+    seen += draws(resumed, 6)
+    for (indices, orders), (want_indices, want_orders) in zip(seen, expected):
+        np.testing.assert_array_equal(indices, want_indices)
+        np.testing.assert_array_equal(orders, want_orders)
+    assert len({tuple(orders) for _, orders in expected[:4]}) == 4   # every batch draws afresh
 
 
 def test_sampler_ranks_are_disjoint():

@@ -3,7 +3,7 @@ trained side by side for a wall-clock budget, then exported in float16 as
 OUT/quality_N.safetensors, the files progvae/codec/weights/ ships (see its MODEL_CARD.md).
 
     python -m progvae.evaluation.experiments.codec_weights --out=weights --minutes=8 \\
-        --batch_size=256 [--init_from_shipped]
+        --batch_size=256 [--steps=N] [--init_from_shipped]
 
 Each level is `python -m progvae stage1 --config=codec --distortion_target=T` in OUT/runs/
 quality_N, stopped by SIGTERM when the budget is spent (a clean stop with a checkpoint), then
@@ -27,26 +27,42 @@ from progvae.codec.shipped import QUALITY_TARGETS, shipped_path
 from progvae.core.untrusted import load_checkpoint
 
 
+# --quality -> the multiplier's upper limit (--multiplier_max): while a level's distortion
+# target is out of reach the Lagrangian's multiplier sits at its limit, and at the default
+# 0.9999 the rate weighs 1/9999 of the distortion, so the rate grows freely (measured: quality
+# 2 fine-tuned at lr 1e-3 went from 0.12 to 0.29 nats/dim in 1,250 steps at the same
+# distortion, and quality 3 became the same model). These limits are the slope
+# D-weight / R-weight = 1 / (2 D) that the high-rate law R = log(sigma^2 / D) / 2 gives at each
+# target, rounded up: 0.99, 0.995 and 0.998 (ratios 99, 199 and 499).
+MULTIPLIER_LIMITS = {1: 0.99, 2: 0.995, 3: 0.998}
+LEARNING_RATE = 5e-4   # the preset's 1e-3 held quality 2's distortion at 0.0040, above target
+
+
 def stage1_command(quality: int, run: Path, batch_size: int, init_from_shipped: bool,
-                   threads: int, steps: int) -> list[str]:
+                   threads: int, steps: int, lr_decay_steps: int) -> list[str]:
     command = [sys.executable, "-m", "progvae", "stage1", "--config=codec",
                f"--distortion_target={QUALITY_TARGETS[quality]}", f"--batch_size={batch_size}",
                "--eval_every=0", "--checkpoint_every=1000", "--tensorboard=false",
-               f"--num_threads={threads}", "--quiet=True", f"--out={run}", f"--steps={steps}"]
+               f"--num_threads={threads}", "--quiet=True", f"--out={run}", f"--steps={steps}",
+               f"--lr_decay_steps={lr_decay_steps}", f"--lr={LEARNING_RATE}",
+               f"--multiplier_max={MULTIPLIER_LIMITS[quality]}"]
     if init_from_shipped:
         command.append(f"--init_from={shipped_path(quality)}")
     return command
 
 
 def make_weights(out: Path, minutes: float, batch_size: int = 64, init_from_shipped: bool = False,
-                 threads: int = 2, steps: int = 1_000_000) -> dict:
-    """Train every level for `minutes` of wall time side by side, finish and export them;
-    returns {quality: summary.json of its run}."""
+                 threads: int = 2, steps: int = 0) -> dict:
+    """Train every level for `minutes` of wall time side by side (or until `steps`, whose
+    last fifth trains at a tenth of the learning rate), finish and export them; returns
+    {quality: summary.json of its run}."""
+    decay = steps // 5
+    steps = steps or 1_000_000
     out.mkdir(parents=True, exist_ok=True)
     runs = {quality: out / "runs" / f"quality_{quality}" for quality in QUALITY_TARGETS}
     logs = {quality: open(out / f"quality_{quality}.log", "a") for quality in QUALITY_TARGETS}
     processes = {quality: subprocess.Popen(
-        stage1_command(quality, run, batch_size, init_from_shipped, threads, steps),
+        stage1_command(quality, run, batch_size, init_from_shipped, threads, steps, decay),
         stdout=logs[quality], stderr=subprocess.STDOUT) for quality, run in runs.items()}
     deadline = time.monotonic() + 60 * minutes
     while any(p.poll() is None for p in processes.values()) and time.monotonic() < deadline:
@@ -59,7 +75,7 @@ def make_weights(out: Path, minutes: float, batch_size: int = 64, init_from_ship
     summaries = {}
     for quality, run in runs.items():
         reached = load_checkpoint(run / "checkpoint.pt")["step"]
-        finish = stage1_command(quality, run, batch_size, False, threads, reached)
+        finish = stage1_command(quality, run, batch_size, False, threads, reached, decay)
         subprocess.run(finish, stdout=logs[quality], stderr=subprocess.STDOUT, check=True)
         export_half(run, out / f"quality_{quality}.safetensors")
         summaries[quality] = json.loads((run / "summary.json").read_text())
@@ -90,11 +106,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--minutes", type=float, required=True, help="wall-clock training budget")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per run")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="updates per level, the last fifth at a tenth of the learning "
+                             "rate (0: as many as the budget allows, no decay)")
     parser.add_argument("--init_from_shipped", action="store_true",
                         help="start every level from the weights that ship now")
     args = parser.parse_args(argv)
     summaries = make_weights(Path(args.out), args.minutes, args.batch_size,
-                             args.init_from_shipped, args.threads)
+                             args.init_from_shipped, args.threads, args.steps)
     for quality, summary in summaries.items():
         print(f"quality {quality}: {summary['steps']} steps, held-out {summary['psnr']:.2f} dB at "
               f"{summary['rate']:.4f} nats/dim -> {args.out}/quality_{quality}.safetensors")

@@ -79,6 +79,11 @@ class Config:
                                      "the rounded latent it is given when decoding, rounding's "
                                      "gradient passed straight through; the rate is the noisy "
                                      "latent's either way)", choices=("noise", "ste"))
+    augment: str = option("none", "training batches: none, or channels (each image's colour "
+                          "channels in a random order, drawn from the seed and the batch's "
+                          "place, so a resumed run sees the same batches: the codec's preset, "
+                          "whose nine photographs alone teach too few colours)",
+                          choices=("none", "channels"))
 
     # --- optimisation (paper 003 A.1, VDVAE defaults) -----------------------------------------
     batch_size: int = option(16, "images per process per micro-step; global batch = batch_size "
@@ -89,6 +94,9 @@ class Config:
     adam_beta2: float = option(0.9, "Adam beta2 (VDVAE's 0.9)", minimum=0, below=1)
     weight_decay: float = option(0.0, "Adam weight decay", minimum=0)
     warmup_steps: int = option(0, "linear learning-rate warm-up (paper: 0)", minimum=0)
+    lr_decay_steps: int = option(0, "the last N updates of --steps train at a tenth of --lr "
+                                 "(the final decay learned codecs train with; 0: none)",
+                                 minimum=0)
     grad_clip: float = option(200.0, "gradient-norm clipping (VDVAE default)", above=0)
     skip_threshold: float = option(500.0, "skip the update when the gradient norm exceeds this "
                                    "(<= 0: never)")

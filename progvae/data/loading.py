@@ -178,6 +178,19 @@ def to_model_input(batch_uint8: torch.Tensor) -> torch.Tensor:
     return batch_uint8.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
 
 
+CHANNEL_ORDERS = np.array([(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)])
+
+
+def augment_batch(images: torch.Tensor, augment: str, rng: np.random.Generator) -> torch.Tensor:
+    """uint8 NHWC training images, augmented as --augment says (`none`: as they are;
+    `channels`: each image's colour channels in one of the six orders, drawn from `rng`)."""
+    if augment == "none" or images.shape[-1] != 3:
+        return images
+    orders = torch.from_numpy(CHANNEL_ORDERS[rng.integers(0, len(CHANNEL_ORDERS),
+                                                          size=len(images))])
+    return torch.gather(images, 3, orders[:, None, None, :].expand_as(images))
+
+
 def device_batch(images: np.ndarray | torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """uint8 NHWC images (an array or a tensor) as model input on `device`: the uint8 pixels
     travel (from pinned memory, without blocking, on CUDA) and are converted there, a quarter
@@ -248,6 +261,12 @@ class BatchSampler:
         else:
             per_rank = self.batch_size
         return global_indices[self.rank * per_rank : (self.rank + 1) * per_rank].copy()
+
+    def batch_generator(self) -> np.random.Generator:
+        """A generator for the batch `next_indices` last gave (augmentation's draws): seeded by
+        the seed, the epoch, the batch's place in it and the rank, so a resumed run draws the
+        same."""
+        return np.random.default_rng([self.seed, self.epoch, self.position, self.rank, 1])
 
     def state_dict(self) -> dict:
         """The epoch and position in it; with the seed that is all a resume needs."""

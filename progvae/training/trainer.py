@@ -26,7 +26,7 @@ from tqdm import tqdm
 from progvae.core.atomic import atomic_save
 from progvae.core.config import Config
 from progvae.core.errors import TrainingInterrupted
-from progvae.data.loading import BatchSampler, ImageData, device_batch
+from progvae.data.loading import BatchSampler, ImageData, augment_batch, device_batch
 from progvae.models.distributions import NoiseShard
 from progvae.training import dist, history, performance
 from progvae.training.checkpoint import CHECKPOINT
@@ -35,7 +35,7 @@ from progvae.training.rng_state import capture_rng_state, restore_rng_state
 from progvae.training.run_log import RunLog
 from progvae.training.stopping import StopRequests, planned_fault
 from progvae.training.updates import (FlatParameters, SkipRecord, skip_update, update_ema,
-                                      warmup_learning_rate)
+                                      learning_rate)
 
 PROGRESS_KEYS = ("rate", "distortion", "multiplier", "nll")   # shown beside the progress bar
 STOP_FLAG = "_stop_asked"
@@ -196,7 +196,7 @@ class Trainer:
         step without waiting for this one; the metrics follow to the host asynchronously and
         are read by `collect`."""
         config = self.config
-        lr = warmup_learning_rate(config, self.step)
+        lr = learning_rate(config, self.step)
         self.model.train()
         self.flat.zero_grad()
         totals: dict[str, torch.Tensor] = {}
@@ -254,7 +254,9 @@ class Trainer:
 
     def next_batch(self) -> torch.Tensor:
         """This rank's next batch on the device, as model input (pinned, non-blocking on CUDA)."""
-        images = device_batch(self.train_images[self.sampler.next_indices()], self.device)
+        images = self.train_images[self.sampler.next_indices()]
+        images = device_batch(augment_batch(images, self.config.augment,
+                                            self.sampler.batch_generator()), self.device)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images
@@ -331,7 +333,7 @@ class Trainer:
             if logging:
                 line = self.log.flush(self.step, {
                     **self.objective.log_values(), "skipped": self.skipped,
-                    "lr": warmup_learning_rate(config, self.step - 1),
+                    "lr": learning_rate(config, self.step - 1),
                     "time": round(self.elapsed, 3)})
                 bar.set_postfix({key: f"{line[key]:.4g}" for key in PROGRESS_KEYS
                                  if key in line}, refresh=False)

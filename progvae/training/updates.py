@@ -15,11 +15,18 @@ SKIP_WINDOW = 100        # recent updates inspected by the stall warning
 SKIP_WARN_FRACTION = 0.5
 
 
-def warmup_learning_rate(config: Config, step: int) -> float:
-    """The learning rate of update `step` (0-based): linear warm-up over warmup_steps."""
+LR_DECAY = 0.1   # the learning rate's factor over the last lr_decay_steps updates
+
+
+def learning_rate(config: Config, step: int) -> float:
+    """The learning rate of update `step` (0-based): linear warm-up over warmup_steps, and a
+    tenth of it over the last lr_decay_steps of `steps` (learned codecs' final decay)."""
+    lr = config.lr
+    if config.lr_decay_steps > 0 and step >= config.steps - config.lr_decay_steps:
+        lr *= LR_DECAY
     if config.warmup_steps > 0:
-        return config.lr * min(1.0, (step + 1) / config.warmup_steps)
-    return config.lr
+        return lr * min(1.0, (step + 1) / config.warmup_steps)
+    return lr
 
 
 @torch.no_grad()
