@@ -7,9 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import imageio.v3 as iio
+import pytest
 
 QUICK = ["--steps=2", "--log_every=1", "--checkpoint_every=0", "--n_grid=4", "--quiet=True"]
 

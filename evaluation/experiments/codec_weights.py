@@ -26,7 +26,6 @@ from pathlib import Path
 from progvae.codec.shipped import QUALITY_TARGETS, shipped_path
 from progvae.core.untrusted import load_checkpoint
 
-
 # --quality -> the multiplier's upper limit (--multiplier_max): while a level's distortion
 # target is out of reach the Lagrangian's multiplier sits at its limit, and at the default
 # 0.9999 the rate weighs 1/9999 of the distortion, so the rate grows freely (measured: quality

@@ -5,9 +5,8 @@ log is a symbol's code length."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 

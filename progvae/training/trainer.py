@@ -34,8 +34,8 @@ from progvae.training.objective import LossModule, Objective
 from progvae.training.rng_state import capture_rng_state, restore_rng_state
 from progvae.training.run_log import RunLog
 from progvae.training.stopping import StopRequests, planned_fault
-from progvae.training.updates import (FlatParameters, SkipRecord, skip_update, update_ema,
-                                      learning_rate)
+from progvae.training.updates import (FlatParameters, SkipRecord, learning_rate, skip_update,
+                                      update_ema)
 
 PROGRESS_KEYS = ("rate", "distortion", "multiplier", "nll")   # shown beside the progress bar
 STOP_FLAG = "_stop_asked"
