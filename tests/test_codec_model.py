@@ -13,6 +13,7 @@ from test_codec import _run  # the command line in this process: (exit status, s
 
 from progvae.codec.shipped import QUALITY_TARGETS, shipped_codec, shipped_path
 from progvae.core.config import load_config
+from progvae.core.errors import UserError
 from progvae.evaluation.benchmarks.codec_bench import sample_photo
 from progvae.evaluation.experiments.codec_rd import bd_rate
 from progvae.models.vdvae import VDVAE
@@ -64,6 +65,42 @@ def test_ste_training_decodes_the_rounded_latent_and_noise_training_the_noisy_on
     assert all(torch.equal(o, o.round()) for o in offsets) == integral
     out["rate"].mean().backward()   # the rate is the noisy latent's and reaches the encoder
     assert model.encoder.in_conv.weight.grad.abs().sum() > 0
+
+
+def test_block_strings_scale_resolutions_and_mixins_but_not_counts_or_rates():
+    from progvae.models.blocks import scale_block_string
+    assert scale_block_string("16x1,16d2,8x2,2", 2) == "32x1,32d2,16x2,4"
+    assert scale_block_string("2x2,4m2,16m8,16x3", 4) == "8x2,16m8,64m32,64x3"
+
+
+def test_init_from_takes_the_shipped_codec_onto_larger_crops_as_the_same_network():
+    """The shipped weights trained on 64x64 crops, whose coarsest latents (stride 32) sit on a
+    2x2 grid, all border; training on larger crops starts from them with the block strings
+    scaled, and the network computes exactly what it did."""
+    from progvae.models.blocks import scale_block_string
+    from progvae.runs.load import load_model
+    from progvae.runs.train import start_from
+
+    source_config, source, _ = load_model(shipped_path(2))
+    overrides = {"image_size": 128, "fully_convolutional": True, **{
+        name: scale_block_string(getattr(source_config, name), 2)
+        for name in ("enc_blocks", "dec_blocks")}}
+    config = load_config("codec", overrides)
+    model = VDVAE(config).eval()
+    start_from(model, config, str(shipped_path(2)))
+    x = torch.rand(1, 3, 64, 96) * 2 - 1
+    with torch.no_grad():
+        torch.manual_seed(0)
+        before = source.float()(x)
+        torch.manual_seed(0)
+        after = model(x)
+    torch.testing.assert_close(after["output"], before["output"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(after["rate"], before["rate"], rtol=1e-5, atol=0)
+
+    # a network that differs in more than its scale is still refused
+    config = load_config("codec", {**overrides, "dec_blocks": overrides["dec_blocks"] + ",32x1"})
+    with pytest.raises(UserError, match="another architecture"):
+        start_from(VDVAE(config), config, str(shipped_path(2)))
 
 
 def test_the_photos_dataset_holds_the_judged_photographs_out_of_training():
@@ -174,5 +211,7 @@ def test_the_weights_recipe_trains_every_level_for_its_budget_and_exports_half_p
         with safe_open(str(path), "pt") as weights:
             assert weights.get_tensor(next(iter(weights.keys()))).dtype == torch.float16
         assert summary["steps"] >= 1
+        assert [figure["photo"] for figure in summary["held_out_photographs"]] == \
+            ["coffee", "flower", "grace_hopper"]
         encoded = load_codec(str(path)).compress(sample_photo()[0][:64, :64])
         assert len(encoded.data) > 0

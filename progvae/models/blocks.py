@@ -56,6 +56,19 @@ def parse_block_string(text: str) -> list[BlockSpec]:
     return specs
 
 
+def scale_block_string(text: str, factor: int) -> str:
+    """The block string of the same network on images `factor` times larger: every resolution
+    (and mix-in) times `factor`, block counts and downsampling rates as they are."""
+    parse_block_string(text)   # a clear error for an unreadable string
+    parts = []
+    for part in text.replace(" ", "").split(","):
+        kind = next((k for k in "xdm" if k in part), "")
+        head, _, tail = part.partition(kind) if kind else (part, "", "")
+        tail = str(int(tail) * factor) if kind == "m" else tail
+        parts.append(f"{int(head) * factor}{kind}{tail}")
+    return ",".join(parts)
+
+
 def parse_widths(width: int, custom_width: str, resolutions: set[int]) -> dict[int, int]:
     """Channels of the residual stream per resolution: `width` unless "res:width" overrides it."""
     widths = {resolution: width for resolution in resolutions}

@@ -78,12 +78,39 @@ def start_from(model: nn.Module, config: Config, source: str) -> None:
     differing = [name for name in ARCHITECTURE_FIELDS if name != "image_size"
                  and getattr(source_config, name) != getattr(config, name)]
     weights, expected = trained.state_dict(), model.state_dict()
+    factor = rescaled_from(source_config, config) if differing else None
+    if factor is not None:   # the same fully convolutional network, its names at another scale
+        differing = [name for name in differing if name not in ("enc_blocks", "dec_blocks")]
+        weights = {_rescaled_name(name, factor): value for name, value in weights.items()}
     if differing or set(weights) != set(expected) or any(
             value.shape != expected[name].shape for name, value in weights.items()):
         name = differing[0] if differing else "its layers"
         raise UserError(f"--init_from '{source}' has another architecture ({name} differs); "
                         "start from a model of the same architecture, or leave init_from empty.")
     model.load_state_dict(weights)
+
+
+def rescaled_from(source: Config, config: Config) -> int | None:
+    """The factor f when `config` is `source`'s fully convolutional network trained on crops f
+    times larger: block strings whose resolutions (and mix-ins) are f times the source's, every
+    layer the same (so its weights carry over, the resolution-keyed stream starts renamed);
+    None otherwise."""
+    from progvae.models.blocks import parse_block_string, scale_block_string
+
+    if not (source.fully_convolutional and config.fully_convolutional) \
+            or config.image_size % source.image_size or source.custom_width:
+        return None
+    factor = config.image_size // source.image_size
+    same = all(parse_block_string(scale_block_string(getattr(source, name), factor))
+               == parse_block_string(getattr(config, name)) for name in ("enc_blocks", "dec_blocks"))
+    return factor if same and factor > 1 else None
+
+
+def _rescaled_name(name: str, factor: int) -> str:
+    prefix, _, resolution = name.rpartition(".")
+    if prefix == "decoder.stream_init":
+        return f"{prefix}.{int(resolution) * factor}"
+    return name
 
 
 def _train(kind: RunKind, prepared: PreparedRun, parts: StageParts) -> tuple[dict, Trainer]:
