@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 from progvae.codec.shipped import QUALITY_TARGETS, shipped_path
-from progvae.core.untrusted import load_checkpoint
 from progvae.core.config import load_config
+from progvae.core.untrusted import load_checkpoint
 from progvae.models.blocks import scale_block_string
 
 # --quality -> the multiplier's upper limit (--multiplier_max): while a level's distortion
