@@ -2,15 +2,17 @@
 trained side by side for a wall-clock budget, then exported in float16 as
 OUT/quality_N.safetensors, the files progvae/codec/weights/ ships (see its MODEL_CARD.md).
 
-    python -m progvae.evaluation.experiments.codec_weights --out=weights --minutes=8 \\
-        --batch_size=256 [--steps=N] [--init_from_shipped]
+    python -m progvae.evaluation.experiments.codec_weights --out=weights --minutes=80 \\
+        --threads=1 --steps=8000 [--qualities=12] [--image_size=N] [--init_from_shipped]
 
 Each level is `python -m progvae stage1 --config=codec --distortion_target=T` in OUT/runs/
 quality_N, stopped by SIGTERM when the budget is spent (a clean stop with a checkpoint), then
 finished at the step it reached (`--steps=STEP`: the held-out evaluation and summary.json) and
 exported. With --init_from_shipped each level starts from the weights that ship now
 (`--init_from`), so a short GPU lease adds to the training before it instead of restarting it.
-Running it again on the same OUT continues the runs.
+Running it again on the same OUT continues the runs. Each exported level then compresses the
+held-out photographs whole (`held_out_photographs` in its summary, printed, and OUT/
+summaries.json). On a GPU raise --batch_size (the preset's 8 keeps a CPU step short).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def stage1_command(quality: int, run: Path, batch_size: int, init_from_shipped: 
     return command
 
 
-def make_weights(out: Path, minutes: float, batch_size: int = 64, init_from_shipped: bool = False,
+def make_weights(out: Path, minutes: float, batch_size: int = 8, init_from_shipped: bool = False,
                  threads: int = 2, steps: int = 0, image_size: int = 0,
                  qualities: tuple[int, ...] = tuple(QUALITY_TARGETS)) -> dict:
     """Train the `qualities` levels for `minutes` of wall time side by side (or until `steps`,
@@ -98,9 +100,9 @@ def make_weights(out: Path, minutes: float, batch_size: int = 64, init_from_ship
 
 def whole_photographs(weights: Path) -> list[dict]:
     """Each held-out photograph compressed whole by `weights`: [{"photo", "bits_per_pixel",
-    "psnr"}]. The run's held-out figures are 64x64 crops, which cannot show how the coarse
-    latents behave away from a border: a quality 1 trained 9,700 steps on such crops scored
-    27.15 dB on them and 14.11 dB on coffee whole."""
+    "psnr"}]. The run's held-out figures are crops, which can hide how the coarse latents
+    behave away from a border: a quality 1 trained 9,700 steps on 64x64 crops (its stride-32
+    latents on a 2x2 grid) scored 27.15 dB on such crops and 14.11 dB on coffee whole."""
     from progvae.codec.files import load_codec, psnr_uint8
     from progvae.data.photos import HELD_OUT, read_photo
 
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="where the weights and runs go")
     parser.add_argument("--minutes", type=float, required=True, help="wall-clock training budget")
-    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per run")
     parser.add_argument("--steps", type=int, default=0,
                         help="updates per level, the last fifth at a tenth of the learning "
@@ -144,14 +146,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init_from_shipped", action="store_true",
                         help="start every level from the weights that ship now")
     parser.add_argument("--image_size", type=int, default=0,
-                        help="side of the training crops (0: the preset's 64); the coarsest "
-                             "latents sit at stride 32, so 64 gives them a 2x2 grid, all border")
+                        help="side of the training crops, a multiple of the preset's (0: the "
+                             "preset's 128)")
     parser.add_argument("--qualities", default="".join(map(str, QUALITY_TARGETS)),
                         help="the levels to train, e.g. 12")
     args = parser.parse_args(argv)
     qualities = tuple(sorted({int(q) for q in args.qualities}))
-    if args.image_size % 64:
-        parser.error(f"--image_size={args.image_size}: use a multiple of the preset's 64")
+    preset_size = load_config("codec").image_size
+    if args.image_size % preset_size:
+        parser.error(f"--image_size={args.image_size}: use a multiple of the preset's "
+                     f"{preset_size}")
     if not set(qualities) <= set(QUALITY_TARGETS):
         parser.error(f"--qualities={args.qualities}: each level is one of "
                      f"{''.join(map(str, QUALITY_TARGETS))}")
