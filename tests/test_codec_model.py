@@ -199,7 +199,7 @@ def test_bd_rate_is_none_without_a_shared_psnr_range():
     assert bd_rate(ANCHOR, [(1.0, 30.0)]) is None
 
 
-@pytest.mark.slow   # three short trainings side by side, about 45 s on 2 cores
+@pytest.mark.slow   # three short trainings side by side, about 75 s on 2 cores
 def test_the_weights_recipe_trains_every_level_for_its_budget_and_exports_half_precision(
         tmp_path):
     from safetensors import safe_open
