@@ -11,8 +11,8 @@ finished at the step it reached (`--steps=STEP`: the held-out evaluation and sum
 exported. With --init_from_shipped each level starts from the weights that ship now
 (`--init_from`), so a short GPU lease adds to the training before it instead of restarting it.
 Running it again on the same OUT continues the runs. Each exported level then compresses the
-held-out photographs whole (`held_out_photographs` in its summary, printed, and OUT/
-summaries.json). On a GPU raise --batch_size (the preset's 8 keeps a CPU step short).
+held-out photographs whole (OUT/quality_N/*.pvc; `held_out_photographs` in its summary, printed,
+and OUT/summaries.json). On a GPU raise --batch_size (the preset's 8 keeps a CPU step short).
 """
 
 from __future__ import annotations
@@ -99,22 +99,18 @@ def make_weights(out: Path, minutes: float, batch_size: int = 8, init_from_shipp
 
 
 def whole_photographs(weights: Path) -> list[dict]:
-    """Each held-out photograph compressed whole by `weights`: [{"photo", "bits_per_pixel",
-    "psnr"}]. The run's held-out figures are crops, which can hide how the coarse latents
-    behave away from a border: a quality 1 trained 9,700 steps on 64x64 crops (its stride-32
-    latents on a 2x2 grid) scored 27.15 dB on such crops and 14.11 dB on coffee whole."""
-    from progvae.codec.files import load_codec, psnr_uint8
-    from progvae.data.photos import HELD_OUT, read_photo
+    """Each held-out photograph compressed whole by `weights` (the .pvc files beside them, in
+    a folder of the same name): [{"photo", "bits_per_pixel", "psnr"}]. The run's held-out
+    figures are crops, which can hide how the coarse latents behave away from a border: a
+    quality 1 trained 9,700 steps on 64x64 crops (its stride-32 latents on a 2x2 grid) scored
+    27.15 dB on such crops and 14.11 dB on coffee whole."""
+    from progvae.codec.files import compress_files, load_codec
+    from progvae.data.photos import HELD_OUT, photo_path
 
-    codec = load_codec(str(weights))
-    figures = []
-    for photo in HELD_OUT:
-        image = codec.channels_of(read_photo(photo))
-        encoded = codec.compress(image)
-        figures.append({"photo": photo.name,
-                        "bits_per_pixel": 8 * len(encoded.data) / (image.shape[0] * image.shape[1]),
-                        "psnr": psnr_uint8(image, encoded.reconstruction)})
-    return figures
+    records = compress_files(load_codec(str(weights)), [photo_path(p) for p in HELD_OUT],
+                             weights.with_suffix(""), report=lambda line: None)
+    return [{"photo": photo.name, "bits_per_pixel": record["bpp"], "psnr": record["psnr"]}
+            for photo, record in zip(HELD_OUT, records)]
 
 
 def export_half(run: Path, target: Path) -> None:
